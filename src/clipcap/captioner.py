@@ -1,0 +1,165 @@
+"""The captioner: CLIP features → mapper → prefix → causal LM → captions.
+
+Shapes: B images, D_clip CLIP feature size (or (G, D_clip) grid features), P prefix length, T caption
+tokens (EOS included), D LM width, V vocabulary, R captions per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipcap.generation import DecodingConfig, cut_at_stop, stop_token_ids
+from clipcap.lm import PrefixLM
+from clipcap.mapper import Mapper, MapperFactory, MLPMapper
+
+
+@dataclass
+class CaptionTokens:
+    """Tokenized target captions.
+
+    Attributes:
+        input_ids: (B, T) caption ids, EOS-terminated, padded with the LM's pad id.
+        attention_mask: (B, T) 1 on caption tokens (EOS included), 0 on padding.
+        labels: (B, T) the targets: ``input_ids`` with padding set to -100. Padding is found from the
+            lengths, never by comparing ids with the pad id, so a real token that shares the pad id
+            (GPT-2's EOS, or "!" in the original ClipCap's pad-0 scheme) is still a target.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class TeacherForcing:
+    """Teacher-forced LM outputs on caption positions.
+
+    Attributes:
+        logits: (B, T, V); ``logits[:, t]`` predicts caption token t (the first from the last prefix
+            position). Prefix positions have no targets, so their logits are not computed at all, which
+            is what -100 labels on the prefix would mean, without the wasted LM-head work.
+        labels: (B, T) targets, -100 on padding.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+
+class ClipCaptioner(nn.Module):
+    """Mapper + prefix LM + the LM's tokenizer.
+
+    Args:
+        language_model: the prefix LM (its tokenizer is the captioner's).
+        mapper: a mapper class with its options, called as ``mapper(clip_dim, lm_dim)``; an
+            ``MLPMapper`` with prefix length 10 when None.
+        clip_dim: the CLIP feature size the mapper takes (D_clip); must match the data's features.
+        max_caption_tokens: training targets are cut to this many tokens, EOS included, so one long
+            outlier caption cannot set the padded length of every batch.
+        normalize_clip_features: L2-normalise CLIP features before the mapper.
+    """
+
+    def __init__(
+        self,
+        language_model: PrefixLM,
+        mapper: MapperFactory | None = None,
+        clip_dim: int = 512,
+        max_caption_tokens: int = 40,
+        normalize_clip_features: bool = False,
+    ) -> None:
+        super().__init__()
+        if max_caption_tokens < 2:
+            raise ValueError(f"max_caption_tokens must be ≥ 2 (a token and EOS), got {max_caption_tokens}")
+        self.lm = language_model
+        factory = mapper if mapper is not None else MLPMapper
+        self.mapper: Mapper = factory(clip_dim, language_model.embed_dim)
+        self.clip_dim = clip_dim
+        self.max_caption_tokens = max_caption_tokens
+        self.normalize_clip_features = normalize_clip_features
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    @property
+    def prefix_length(self) -> int:
+        return self.mapper.prefix_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.mapper.parameters()).device
+
+    def prefix(self, clip_features: torch.Tensor) -> torch.Tensor:
+        """CLIP features (B, D_clip) or (B, G, D_clip) → prefix embeddings (B, P, D) in the LM's dtype."""
+        if clip_features.shape[-1] != self.clip_dim:
+            raise ValueError(
+                f"CLIP features have size {clip_features.shape[-1]} but the mapper was built for "
+                f"model.captioner.clip_dim={self.clip_dim}"
+            )
+        features = clip_features.to(next(self.mapper.parameters()).dtype)
+        if self.normalize_clip_features:
+            features = F.normalize(features, dim=-1)
+        return self.mapper(features).to(self.lm.dtype)
+
+    def encode_captions(self, captions: list[str]) -> CaptionTokens:
+        """Tokenizes target captions: no BOS, EOS appended, cut to ``max_caption_tokens``, padded."""
+        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+        eos, pad = self.lm.eos_token_id, self.lm.pad_token_id
+        rows = [ids[: self.max_caption_tokens - 1] + [eos] for ids in encoded]
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        device = self.device
+        return CaptionTokens(input_ids.to(device), attention_mask.to(device), labels.to(device))
+
+    def forward(self, clip_features: torch.Tensor, captions: CaptionTokens) -> TeacherForcing:
+        """Teacher forcing: logits for every caption token given the prefix and the tokens before it."""
+        prefix = self.prefix(clip_features)
+        embeds = torch.cat([prefix, self.lm.embed(captions.input_ids)], dim=1)
+        prefix_mask = captions.attention_mask.new_ones(prefix.shape[:2])
+        attention_mask = torch.cat([prefix_mask, captions.attention_mask], dim=1)
+        # Positions P-1 .. P+T-2 predict caption tokens 0 .. T-1; the last position predicts nothing.
+        length = captions.input_ids.shape[1]
+        logits = self.lm(embeds, attention_mask, logits_to_keep=length + 1)[:, :-1]
+        return TeacherForcing(logits=logits, labels=captions.labels)
+
+    @torch.no_grad()
+    def generate_ids(
+        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None
+    ) -> list[list[int]]:
+        """Decodes caption token ids, B·R lists (image-major), each cut after its stop.
+
+        EOS is dropped; a "." stop (``stop_at_period``) is kept as caption text.
+        """
+        decoding = decoding or DecodingConfig()
+        prefix = self.prefix(clip_features)
+        stops = stop_token_ids(self.lm, decoding.stop_at_period)
+        attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        was_training = self.training
+        self.eval()
+        try:
+            generated = self.lm.model.generate(
+                inputs_embeds=prefix,
+                attention_mask=attention_mask,
+                generation_config=decoding.generation_config(stops, self.lm.pad_token_id),
+            )
+        finally:
+            self.train(was_training)
+        return cut_at_stop(generated, self.lm.eos_token_id, stops)
+
+    def generate(
+        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None
+    ) -> list[list[str]]:
+        """Decodes captions: B lists of R strings."""
+        decoding = decoding or DecodingConfig()
+        ids = self.generate_ids(clip_features, decoding)
+        texts = [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        per_image = decoding.num_return_sequences
+        return [texts[i : i + per_image] for i in range(0, len(texts), per_image)]

@@ -1,0 +1,195 @@
+"""Decoding settings, stop handling, and the naive reference decoders.
+
+Shapes: B images, R captions per image, P prefix length, L new tokens, D LM width, V vocabulary.
+
+Captions are decoded by ``transformers`` ``generate(inputs_embeds=...)`` (batched, KV-cached greedy, beam
+search and sampling; see ``ClipCaptioner.generate``). The naive decoders here re-run the whole sequence at
+every step for one image at a time, as the original ClipCap does; they are the correctness reference for
+tests and the speed reference for benchmarks, never the production path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from clipcap.lm import PrefixLM
+
+
+@dataclass
+class DecodingConfig:
+    """How captions are decoded.
+
+    Args:
+        num_beams: beam width; 1 is greedy (or sampling with ``do_sample``).
+        do_sample: sample instead of taking the most likely token.
+        temperature: softmax temperature when sampling.
+        top_k: keep the k most likely tokens when sampling (0 keeps all).
+        top_p: nucleus sampling mass when sampling (1.0 keeps all).
+        num_return_sequences: captions per image (R); at most ``num_beams`` for beam search.
+        max_new_tokens: caption length cap in tokens (L), the stop token included.
+        min_new_tokens: tokens before a stop may be chosen.
+        length_penalty: beam search score exponent on length.
+        stop_at_period: also stop after the first token containing "." (kept in the caption).
+        repetition_penalty: >1 discourages repeating tokens (1.0 is off).
+    """
+
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+    max_new_tokens: int = 40
+    min_new_tokens: int = 0
+    length_penalty: float = 1.0
+    stop_at_period: bool = False
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1 or self.num_return_sequences < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"DecodingConfig: beams, return sequences and max_new_tokens must be ≥ 1: {self}"
+            )
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ValueError(
+                f"DecodingConfig: num_return_sequences={self.num_return_sequences} needs num_beams ≥ it "
+                "or do_sample=true"
+            )
+
+    def generation_config(self, stop_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
+        """The full ``GenerationConfig``; nothing is inherited from a model's own defaults."""
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            num_beams=self.num_beams,
+            do_sample=self.do_sample,
+            temperature=self.temperature if self.do_sample else None,
+            top_k=self.top_k if self.do_sample else None,
+            top_p=self.top_p if self.do_sample else None,
+            num_return_sequences=self.num_return_sequences,
+            length_penalty=self.length_penalty,
+            repetition_penalty=self.repetition_penalty,
+            early_stopping=self.num_beams > 1,
+            eos_token_id=stop_token_ids,
+            pad_token_id=pad_token_id,
+            use_cache=True,
+        )
+
+
+def stop_token_ids(lm: PrefixLM, stop_at_period: bool) -> list[int]:
+    """EOS first, then (optionally) every token containing "."."""
+    return [lm.eos_token_id, *(lm.period_token_ids if stop_at_period else [])]
+
+
+def cut_at_stop(token_ids: torch.Tensor, eos_token_id: int, stop_ids: list[int]) -> list[list[int]]:
+    """Cuts each row after its first stop token.
+
+    Args:
+        token_ids: (N, L) generated ids.
+        eos_token_id: dropped when it is the stop (it is not caption text).
+        stop_ids: every id that ends a caption; those other than EOS (a "." token) are kept.
+
+    Returns:
+        N lists of caption token ids.
+    """
+    stops = torch.isin(token_ids, torch.tensor(stop_ids, device=token_ids.device))
+    has_stop = stops.any(dim=1)
+    first = torch.where(has_stop, stops.int().argmax(dim=1), token_ids.shape[1] - 1)
+    captions = []
+    for row, end, stopped in zip(token_ids.tolist(), first.tolist(), has_stop.tolist(), strict=True):
+        ids = row[: end + 1]
+        if stopped and ids[-1] == eos_token_id:
+            ids = ids[:-1]
+        captions.append(ids)
+    return captions
+
+
+@torch.no_grad()
+def naive_greedy(
+    lm: PrefixLM, prefix: torch.Tensor, max_new_tokens: int, stop_ids: list[int]
+) -> list[list[int]]:
+    """Greedy decoding one image at a time, re-running the whole sequence each step (no KV cache).
+
+    Args:
+        lm: the language model.
+        prefix: (B, P, D) prefix embeddings.
+        max_new_tokens: length cap (L).
+        stop_ids: ids that end a caption (included in the output).
+
+    Returns:
+        B lists of generated ids, each ending at its first stop id if one was produced.
+    """
+    outputs = []
+    for embeds in prefix.split(1):
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            next_id = int(lm(embeds)[0, -1].argmax())
+            generated.append(next_id)
+            if next_id in stop_ids:
+                break
+            embeds = torch.cat([embeds, lm.embed(torch.tensor([[next_id]], device=embeds.device))], dim=1)
+        outputs.append(generated)
+    return outputs
+
+
+@torch.no_grad()
+def naive_beam_search(
+    lm: PrefixLM, prefix: torch.Tensor, beam_size: int, max_new_tokens: int, stop_ids: list[int]
+) -> list[list[int]]:
+    """The original ClipCap beam search: one image at a time, whole sequence re-run each step.
+
+    Beams are ranked by summed log-probability divided by length, as ClipCap's ``generate_beam`` does;
+    finished beams stay in the pool. It is a speed reference, so its ranking is ClipCap's, not
+    ``generate``'s.
+
+    Args:
+        lm: the language model.
+        prefix: (B, P, D) prefix embeddings.
+        beam_size: beams kept per step.
+        max_new_tokens: length cap (L).
+        stop_ids: ids that end a caption.
+
+    Returns:
+        B lists of ids, the best beam of each image.
+    """
+    outputs = []
+    stop = torch.tensor(stop_ids, device=prefix.device)
+    for embeds in prefix.split(1):
+        scores = None
+        tokens = None
+        lengths = torch.ones(beam_size, device=prefix.device)
+        finished = torch.zeros(beam_size, dtype=torch.bool, device=prefix.device)
+        for _ in range(max_new_tokens):
+            logprobs = lm(embeds)[:, -1].float().log_softmax(-1)
+            if scores is None:
+                scores, next_ids = logprobs[0].topk(beam_size)
+                embeds = embeds.expand(beam_size, -1, -1)
+                tokens = next_ids[:, None]
+            else:
+                logprobs[finished] = -float("inf")
+                logprobs[finished, 0] = 0
+                lengths[~finished] += 1
+                candidate = (scores[:, None] + logprobs) / lengths[:, None]
+                flat_scores, flat_index = candidate.view(-1).topk(beam_size)
+                beam = flat_index // logprobs.shape[1]
+                next_ids = flat_index % logprobs.shape[1]
+                lengths = lengths[beam]
+                tokens = torch.cat([tokens[beam], next_ids[:, None]], dim=1)
+                embeds = embeds[beam]
+                scores = flat_scores * lengths
+                finished = finished[beam]
+            embeds = torch.cat([embeds, lm.embed(next_ids[:, None])], dim=1)
+            finished = finished | torch.isin(next_ids, stop)
+            if finished.all():
+                break
+        best = int((scores / lengths).argmax())
+        ids = tokens[best].tolist()
+        for position, token in enumerate(ids):
+            if token in stop_ids:
+                ids = ids[: position + 1]
+                break
+        outputs.append(ids)
+    return outputs

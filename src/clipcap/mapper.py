@@ -1,0 +1,146 @@
+"""Mapping networks: a CLIP image embedding becomes a prefix of LM input embeddings.
+
+Shapes: B batch, D_clip CLIP embedding size, P prefix length, D the LM's embedding size,
+C the number of tokens the Transformer mapper makes from the CLIP embedding (``clip_length``),
+G the number of CLIP grid tokens when the input is a sequence of patch features.
+
+Both mappers take their two sizes first so that a config can name a mapper without knowing them:
+the captioner calls ``mapper(clip_dim, lm_dim)`` once the language model is loaded (a jsonargparse
+callable: ``class_path`` plus the remaining ``init_args``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class Mapper(nn.Module, ABC):
+    """Maps CLIP features to ``prefix_length`` LM input embeddings.
+
+    Attributes:
+        clip_dim: the CLIP feature size the mapper was built for (D_clip).
+        lm_dim: the LM embedding size it produces (D).
+        prefix_length: the number of prefix positions it produces (P).
+    """
+
+    def __init__(self, clip_dim: int, lm_dim: int, prefix_length: int) -> None:
+        super().__init__()
+        if min(clip_dim, lm_dim, prefix_length) < 1:
+            raise ValueError(
+                f"mapper sizes must be positive: clip_dim={clip_dim}, lm_dim={lm_dim}, "
+                f"prefix_length={prefix_length}"
+            )
+        self.clip_dim = clip_dim
+        self.lm_dim = lm_dim
+        self.prefix_length = prefix_length
+
+    @abstractmethod
+    def forward(self, clip_features: torch.Tensor) -> torch.Tensor:
+        """Maps (B, D_clip) pooled features, or (B, G, D_clip) grid features, to a (B, P, D) prefix."""
+
+
+MapperFactory = Callable[[int, int], Mapper]
+"""What configs give the captioner: a mapper class with its options, still missing (clip_dim, lm_dim)."""
+
+
+class MLPMapper(Mapper):
+    """ClipCap's MLP: D_clip → P·D/2 → P·D with tanh, reshaped to (B, P, D).
+
+    Args:
+        clip_dim: CLIP feature size (D_clip).
+        lm_dim: LM embedding size (D).
+        prefix_length: prefix positions (P).
+        hidden_dim: width of the hidden layer; ClipCap's choice P·D/2 when None.
+        dropout: dropout after the hidden activation.
+    """
+
+    def __init__(
+        self,
+        clip_dim: int,
+        lm_dim: int,
+        prefix_length: int = 10,
+        hidden_dim: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(clip_dim, lm_dim, prefix_length)
+        hidden_dim = hidden_dim or (prefix_length * lm_dim) // 2
+        self.net = nn.Sequential(
+            nn.Linear(clip_dim, hidden_dim),
+            nn.Tanh(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, prefix_length * lm_dim),
+        )
+
+    def forward(self, clip_features: torch.Tensor) -> torch.Tensor:
+        if clip_features.dim() != 2:
+            raise ValueError(
+                f"MLPMapper takes pooled CLIP features (B, D_clip); got shape {tuple(clip_features.shape)}"
+            )
+        return self.net(clip_features).view(clip_features.shape[0], self.prefix_length, self.lm_dim)
+
+
+class TransformerMapper(Mapper):
+    """ClipCap's Transformer mapper.
+
+    The CLIP embedding is projected to C = ``clip_length`` tokens (or, for grid features, each of the G
+    patch tokens is projected), learned prefix constants are appended, N Transformer encoder layers run
+    over both, and the last P positions are the prefix.
+
+    Args:
+        clip_dim: CLIP feature size (D_clip).
+        lm_dim: LM embedding size (D); also the Transformer's width.
+        prefix_length: prefix positions (P), the number of learned constants.
+        clip_length: tokens made from a pooled CLIP embedding (C).
+        num_layers: Transformer encoder layers.
+        num_heads: attention heads; must divide ``lm_dim``.
+        mlp_ratio: feed-forward width as a multiple of ``lm_dim``.
+        dropout: dropout inside the Transformer layers.
+    """
+
+    def __init__(
+        self,
+        clip_dim: int,
+        lm_dim: int,
+        prefix_length: int = 10,
+        clip_length: int = 10,
+        num_layers: int = 8,
+        num_heads: int = 8,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(clip_dim, lm_dim, prefix_length)
+        if lm_dim % num_heads:
+            raise ValueError(f"TransformerMapper: num_heads={num_heads} must divide lm_dim={lm_dim}")
+        self.clip_length = clip_length
+        self.pooled_projection = nn.Linear(clip_dim, clip_length * lm_dim)
+        self.grid_projection = nn.Linear(clip_dim, lm_dim)
+        self.prefix_constants = nn.Parameter(torch.randn(prefix_length, lm_dim))
+        layer = nn.TransformerEncoderLayer(
+            d_model=lm_dim,
+            nhead=num_heads,
+            dim_feedforward=int(lm_dim * mlp_ratio),
+            dropout=dropout,
+            activation="relu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
+
+    def forward(self, clip_features: torch.Tensor) -> torch.Tensor:
+        batch = clip_features.shape[0]
+        if clip_features.dim() == 2:
+            tokens = self.pooled_projection(clip_features).view(batch, self.clip_length, self.lm_dim)
+        elif clip_features.dim() == 3:
+            tokens = self.grid_projection(clip_features)
+        else:
+            raise ValueError(
+                "TransformerMapper takes (B, D_clip) pooled or (B, G, D_clip) grid features; "
+                f"got shape {tuple(clip_features.shape)}"
+            )
+        constants = self.prefix_constants.unsqueeze(0).expand(batch, -1, -1)
+        hidden = self.transformer(torch.cat([tokens, constants], dim=1))
+        return hidden[:, -self.prefix_length :]

@@ -1,0 +1,200 @@
+"""The core captioner: mappers, loss masking, frozen LMs, and decoding against reference decoders."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipcap.captioner import ClipCaptioner
+from clipcap.data.batch import CaptionBatch
+from clipcap.generation import DecodingConfig, cut_at_stop, naive_greedy, stop_token_ids
+from clipcap.lm import PrefixLM
+from clipcap.mapper import MLPMapper, TransformerMapper
+from clipcap.objectives import CrossEntropy
+from tiny_models import save_tiny_gpt2, save_tiny_llama
+
+CLIP_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+def make_captioner(folder: Path, trainable: bool = True, mapper=None) -> ClipCaptioner:
+    torch.manual_seed(0)
+    mapper = mapper or functools.partial(MLPMapper, prefix_length=4)
+    return ClipCaptioner(
+        PrefixLM(str(folder), trainable=trainable), mapper, clip_dim=CLIP_DIM, max_caption_tokens=20
+    )
+
+
+def test_mlp_mapper_shapes_and_hidden_width() -> None:
+    mapper = MLPMapper(clip_dim=16, lm_dim=8, prefix_length=5)
+    assert mapper(torch.randn(3, 16)).shape == (3, 5, 8)
+    assert mapper.net[0].out_features == 5 * 8 // 2  # ClipCap's P·D/2
+    with pytest.raises(ValueError, match="pooled"):
+        mapper(torch.randn(3, 2, 16))
+
+
+def test_transformer_mapper_takes_pooled_and_grid_features() -> None:
+    mapper = TransformerMapper(
+        clip_dim=16, lm_dim=8, prefix_length=3, clip_length=5, num_layers=2, num_heads=2
+    )
+    assert mapper(torch.randn(2, 16)).shape == (2, 3, 8)
+    assert mapper(torch.randn(2, 7, 16)).shape == (2, 3, 8)
+    with pytest.raises(ValueError, match="num_heads"):
+        TransformerMapper(clip_dim=16, lm_dim=8, num_heads=3)
+
+
+def test_targets_end_with_eos_and_padding_is_found_by_length(gpt2_folder: Path) -> None:
+    captioner = make_captioner(gpt2_folder)
+    eos = captioner.lm.eos_token_id
+    assert captioner.lm.pad_token_id == eos  # GPT-2 style: padding reuses EOS, so ids cannot tell them apart
+    tokens = captioner.encode_captions(["look, a red star!", "a circle"])
+    bang = captioner.tokenizer.encode("!", add_special_tokens=False)
+    for row, caption in enumerate(["look, a red star!", "a circle"]):
+        ids = captioner.tokenizer.encode(caption, add_special_tokens=False)
+        n = len(ids) + 1
+        assert tokens.labels[row, :n].tolist() == ids + [eos]  # every token counts, EOS included
+        assert (tokens.labels[row, n:] == -100).all()
+        assert (tokens.input_ids[row, n:] == eos).all()  # padding shares the EOS id ...
+    assert bang[0] in tokens.labels[0].tolist()  # ... and a real "!" is a target
+    # EOS as a *real* target is counted even though padding uses the same id.
+    assert (tokens.labels == eos).sum() == 2
+
+
+def test_long_captions_are_cut_to_the_cap_and_keep_eos(gpt2_folder: Path) -> None:
+    captioner = make_captioner(gpt2_folder)
+    tokens = captioner.encode_captions(
+        ["a red circle and a blue square and a green star on the left " * 5, "a"]
+    )
+    assert tokens.input_ids.shape[1] == captioner.max_caption_tokens
+    assert tokens.labels[0, -1] == captioner.lm.eos_token_id
+
+
+def test_loss_counts_eos_and_tokens_equal_to_pad_id(gpt2_folder: Path) -> None:
+    """The loss equals a hand-computed sum over exactly the real tokens, EOS included."""
+    captioner = make_captioner(gpt2_folder)
+    captions = ["look, a red star!", "a circle"]
+    features = torch.randn(2, CLIP_DIM)
+    loss = CrossEntropy()(captioner, CaptionBatch(["a", "b"], features, captions)).loss
+
+    prefix = captioner.prefix(features)
+    eos = captioner.lm.eos_token_id
+    total, count = 0.0, 0
+    for row, caption in enumerate(captions):
+        ids = captioner.tokenizer.encode(caption, add_special_tokens=False) + [eos]
+        embeds = torch.cat([prefix[row : row + 1], captioner.lm.embed(torch.tensor([ids]))], dim=1)
+        logprobs = captioner.lm(embeds)[0].log_softmax(-1)
+        p = prefix.shape[1]
+        for t, token in enumerate(ids):
+            total -= float(logprobs[p - 1 + t, token])
+            count += 1
+    torch.testing.assert_close(loss, torch.tensor(total / count), rtol=1e-4, atol=1e-5)
+
+
+def test_label_smoothing_changes_the_loss(gpt2_folder: Path) -> None:
+    captioner = make_captioner(gpt2_folder)
+    batch = CaptionBatch(["a"], torch.randn(1, CLIP_DIM), ["a red circle."])
+    plain = CrossEntropy()(captioner, batch).loss
+    smoothed = CrossEntropy(label_smoothing=0.2)(captioner, batch).loss
+    assert not torch.allclose(plain, smoothed)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CrossEntropy(label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_frozen_lm_gets_no_gradients_but_the_mapper_does(
+    arch: str, gpt2_folder: Path, llama_folder: Path
+) -> None:
+    captioner = make_captioner(gpt2_folder if arch == "gpt2" else llama_folder, trainable=False)
+    captioner.train()
+    assert not captioner.lm.model.training  # a frozen LM stays in eval mode (no dropout)
+    batch = CaptionBatch(["a", "b"], torch.randn(2, CLIP_DIM), ["a red circle.", "two shapes!"])
+    CrossEntropy()(captioner, batch).loss.backward()
+    assert all(p.grad is None for p in captioner.lm.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in captioner.mapper.parameters())
+
+
+def test_trainable_lm_gets_gradients(gpt2_folder: Path) -> None:
+    captioner = make_captioner(gpt2_folder, trainable=True)
+    batch = CaptionBatch(["a"], torch.randn(1, CLIP_DIM), ["a red circle."])
+    CrossEntropy()(captioner, batch).loss.backward()
+    assert captioner.lm.model.get_input_embeddings().weight.grad is not None
+
+
+def test_features_of_the_wrong_size_are_refused(gpt2_folder: Path) -> None:
+    captioner = make_captioner(gpt2_folder)
+    with pytest.raises(ValueError, match="clip_dim=16"):
+        captioner.prefix(torch.randn(2, CLIP_DIM + 1))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_generate_equals_a_hand_rolled_loop(arch: str, gpt2_folder: Path, llama_folder: Path) -> None:
+    captioner = make_captioner(gpt2_folder if arch == "gpt2" else llama_folder)
+    features = torch.randn(5, CLIP_DIM)
+    decoding = DecodingConfig(max_new_tokens=10)
+    stops = stop_token_ids(captioner.lm, stop_at_period=False)
+    expected = cut_at_stop(
+        torch.tensor(
+            [
+                row + [stops[0]] * (10 - len(row))
+                for row in naive_greedy(captioner.lm, captioner.prefix(features), 10, stops)
+            ]
+        ),
+        captioner.lm.eos_token_id,
+        stops,
+    )
+    assert captioner.generate_ids(features, decoding) == expected
+
+
+def test_batched_beam_search_equals_per_image_beam_search(gpt2_folder: Path) -> None:
+    captioner = make_captioner(gpt2_folder)
+    features = torch.randn(6, CLIP_DIM)
+    decoding = DecodingConfig(num_beams=4, num_return_sequences=2, max_new_tokens=9)
+    batched = captioner.generate_ids(features, decoding)
+    one_by_one = [ids for row in features.split(1) for ids in captioner.generate_ids(row, decoding)]
+    assert batched == one_by_one
+    assert len(batched) == 12
+
+
+def test_stop_at_period_keeps_the_period_and_drops_eos(gpt2_folder: Path) -> None:
+    captioner = make_captioner(gpt2_folder)
+    period = captioner.lm.period_token_ids
+    assert period and all("." in captioner.tokenizer.decode([i]) for i in period)
+    eos = captioner.lm.eos_token_id
+    rows = torch.tensor([[5, period[0], 7, eos], [5, 6, eos, eos], [5, 6, 7, 8]])
+    stops = [eos, *period]
+    assert cut_at_stop(rows, eos, stops) == [[5, period[0]], [5, 6], [5, 6, 7, 8]]
+    assert cut_at_stop(rows, eos, [eos]) == [[5, period[0], 7], [5, 6], [5, 6, 7, 8]]
+
+
+def test_sampling_gives_several_captions_and_is_seeded(gpt2_folder: Path) -> None:
+    captioner = make_captioner(gpt2_folder)
+    features = torch.randn(2, CLIP_DIM)
+    decoding = DecodingConfig(
+        do_sample=True, top_k=20, top_p=0.9, temperature=1.5, num_return_sequences=3, max_new_tokens=6
+    )
+    torch.manual_seed(1)
+    first = captioner.generate(features, decoding)
+    torch.manual_seed(1)
+    second = captioner.generate(features, decoding)
+    assert first == second
+    assert len(first) == 2 and all(len(texts) == 3 for texts in first)
+    assert len({text for texts in first for text in texts}) > 1
+
+
+def test_decoding_config_rejects_impossible_settings() -> None:
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        DecodingConfig(num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError):
+        DecodingConfig(max_new_tokens=0)
