@@ -44,8 +44,13 @@ class PrefixLM(nn.Module):
         path = resolve_pretrained(pretrained)
         self.pretrained = pretrained
         self.trainable = trainable
-        self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+        try:
+            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"PrefixLM: cannot load a causal LM and its tokenizer from pretrained={pretrained!r}: {error}"
+            ) from error
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"PrefixLM: the tokenizer of {pretrained!r} has no EOS token; captions need one")
         if gradient_checkpointing:
