@@ -1,0 +1,60 @@
+"""The ``clipcap`` command.
+
+``clipcap fit|validate|test|predict --config lightning_configs/<x>.yaml [--overrides]`` is a LightningCLI
+over ``CaptionModule`` and any ``CaptionDataModule``; YAML may use OmegaConf interpolation (``${...}``).
+``clipcap world`` builds the synthetic world, ``clipcap demo`` runs the main job on it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import clipcap.objectives  # noqa: F401 - registers the objectives for short names on the command line
+from clipcap.training.data import CaptionDataModule
+from clipcap.training.module import CaptionModule
+
+
+class ClipcapCLI(LightningCLI):
+    """LightningCLI with clipcap's links between data and model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The CLIP feature size is a fact of the cached features; it is never written twice in YAML.
+        parser.link_arguments("data.clip_dim", "model.captioner.init_args.clip_dim", apply_on="instantiate")
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True) -> ClipcapCLI:
+    """Runs (or, with ``run=False``, only builds) the LightningCLI on ``args``."""
+    return ClipcapCLI(
+        CaptionModule,
+        CaptionDataModule,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        parser_kwargs={"parser_mode": "omegaconf"}
+        if run
+        else {"parser_mode": "omegaconf", "exit_on_error": False},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+_EXTRA_COMMANDS = {
+    "world": "clipcap.synthetic.world:main",
+    "demo": "clipcap.demo:main",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``clipcap`` console script and ``python -m clipcap``."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in _EXTRA_COMMANDS:
+        module_name, function = _EXTRA_COMMANDS[words[0]].split(":")
+        module = __import__(module_name, fromlist=[function])
+        getattr(module, function)(words[1:])
+        return
+    if words and words[0] in ("-h", "--help"):
+        print("clipcap commands: fit validate test predict (LightningCLI), " + " ".join(_EXTRA_COMMANDS))
+    # LightningCLI reads sys.argv itself when given no args (and warns when given both).
+    lightning_cli(None if argv is None else words)
