@@ -25,7 +25,13 @@ class ClipcapCLI(LightningCLI):
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> ClipcapCLI:
-    """Runs (or, with ``run=False``, only builds) the LightningCLI on ``args``."""
+    """Runs (or, with ``run=False``, only builds) the LightningCLI on ``args``.
+
+    Without ``run`` LightningCLI has no subcommands, so a leading ``fit``/``validate``/... is dropped and
+    the rest is parsed and instantiated as that subcommand would.
+    """
+    if not run and args and args[0] in ClipcapCLI.subcommands():
+        args = args[1:]
     return ClipcapCLI(
         CaptionModule,
         CaptionDataModule,

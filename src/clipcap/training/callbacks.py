@@ -1,0 +1,58 @@
+"""Callbacks: evaluation that generates captions lives here, not in the module's hooks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from clipcap.data.batch import collate_caption_batch
+from clipcap.generation import DecodingConfig
+from clipcap.training.data import CaptionDataModule, CaptionImages
+
+
+class SampleCaptions(pl.Callback):
+    """Captions a fixed handful of validation images after each validation and shows them.
+
+    The samples are printed and appended to ``samples.jsonl`` in the run's log folder, one line per
+    epoch, so a run's progress can be read as text.
+
+    Args:
+        num_images: how many validation images (the first ones, always the same).
+        decoding: how to decode them (greedy by default).
+    """
+
+    def __init__(self, num_images: int = 4, decoding: DecodingConfig | None = None) -> None:
+        self.num_images = num_images
+        self.decoding = decoding or DecodingConfig()
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.num_images < 1:
+            return
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, CaptionDataModule):
+            return
+        images = CaptionImages(datamodule.split("val"))
+        batch = collate_caption_batch([images[i] for i in range(min(self.num_images, len(images)))])
+        with torch.no_grad():
+            captions = pl_module.captioner.generate(batch.clip_features.to(pl_module.device), self.decoding)
+        samples = [
+            {"image_id": image_id, "caption": texts[0], "reference": references[0] if references else ""}
+            for image_id, texts, references in zip(batch.image_ids, captions, batch.references, strict=True)
+        ]
+        lines = [f"  {s['image_id']}: {s['caption']!r}  (ref: {s['reference']!r})" for s in samples]
+        rank_zero_info(f"Sample captions, epoch {trainer.current_epoch}:\n" + "\n".join(lines))
+        if trainer.log_dir:
+            path = Path(trainer.log_dir) / "samples.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as handle:
+                handle.write(
+                    json.dumps(
+                        {"epoch": trainer.current_epoch, "step": trainer.global_step, "samples": samples}
+                    )
+                    + "\n"
+                )

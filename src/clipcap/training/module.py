@@ -1,0 +1,135 @@
+"""``CaptionModule``: the LightningModule that wires a captioner to an objective."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+from clipcap.captioner import ClipCaptioner
+from clipcap.data.batch import CaptionBatch
+from clipcap.generation import DecodingConfig
+from clipcap.objectives.base import Objective
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=2e-5)
+
+
+class CaptionModule(pl.LightningModule):
+    """Trains ``captioner`` with ``objective``; the objective is an object, chosen by YAML ``class_path``.
+
+    Checkpoints hold what training changes: the mapper, the LM's weights only if it is trainable, the
+    objective's state, and the optimizer. A frozen LM is reloaded from its pretrained source instead, so a
+    frozen 7B model is never copied into each checkpoint.
+
+    Args:
+        captioner: the captioner to train.
+        objective: the training objective (``CrossEntropy``, ...).
+        optimizer: builds the optimizer from the trainable parameters (AdamW, lr 2e-5 by default).
+        lr_scheduler: optional, builds a scheduler from the optimizer.
+        decoding: how captions are decoded by ``predict`` and by callbacks that do not set their own.
+    """
+
+    def __init__(
+        self,
+        captioner: ClipCaptioner,
+        objective: Objective,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        decoding: DecodingConfig | None = None,
+    ) -> None:
+        super().__init__()
+        # Under the CLI the hyperparameters are the parsed config (class paths and init args), from which
+        # ``load_from_checkpoint`` rebuilds everything. Built by hand, the objects themselves cannot be
+        # saved as hyperparameters (a module would be pickled whole), so they are left out.
+        built_by_cli = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(
+            ignore=None if built_by_cli else ["captioner", "objective", "optimizer", "lr_scheduler"]
+        )
+        self.captioner = captioner
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.decoding = decoding or DecodingConfig()
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        feature_dim = getattr(datamodule, "clip_dim", None)
+        if feature_dim is not None and feature_dim != self.captioner.clip_dim:
+            raise ValueError(
+                f"The data's CLIP features have size {feature_dim}, but the mapper was built for "
+                f"model.captioner.init_args.clip_dim={self.captioner.clip_dim}: set that option to "
+                f"{feature_dim} or use features from the CLIP model the checkpoint was trained with"
+            )
+
+    def _shared_step(self, batch: CaptionBatch, stage: str) -> torch.Tensor:
+        if stage != "train" and batch.references:
+            batch = batch.with_every_reference()
+        output = self.objective(self.captioner, batch)
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss",
+            output.loss.detach(),
+            prog_bar=True,
+            on_step=on_step,
+            on_epoch=True,
+            batch_size=len(batch),
+            sync_dist=stage != "train",
+        )
+        for name, value in output.terms.items():
+            self.log(
+                f"{stage}/{name}",
+                value.detach(),
+                on_step=on_step,
+                on_epoch=True,
+                batch_size=len(batch),
+                sync_dist=stage != "train",
+            )
+        return output.loss
+
+    def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: CaptionBatch, batch_idx: int) -> list[dict[str, Any]]:
+        captions = self.captioner.generate(batch.clip_features, self.decoding)
+        return [
+            {"image_id": image_id, "caption": texts[0], "captions": texts}
+            for image_id, texts in zip(batch.image_ids, captions, strict=True)
+        ]
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
+
+    def _frozen_keys(self) -> set[str]:
+        """State-dict keys of frozen language-model weights, which checkpoints do not store."""
+        if self.captioner.lm.trainable:
+            return set()
+        prefix = "captioner.lm."
+        return {prefix + key for key in self.captioner.lm.state_dict()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self._frozen_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["clipcap_frozen_lm"] = self.captioner.lm.pretrained if frozen else None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen LM was loaded from its pretrained source when the module was built; put its weights
+        # back into the state dict so strict loading still catches every other missing key.
+        if checkpoint.get("clipcap_frozen_lm"):
+            own = self.state_dict()
+            for key in self._frozen_keys():
+                checkpoint["state_dict"].setdefault(key, own[key])
