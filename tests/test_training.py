@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -207,3 +209,29 @@ def test_missing_language_model_names_the_option(
         )
     message = str(error.value) + capsys.readouterr().err
     assert "pretrained" in message and str(missing) in message
+
+
+def test_predict_writes_coco_results(tiny_world: Path, tmp_path: Path) -> None:
+    fitted = lightning_cli(quick_fit_args(tmp_path / "fit"))
+    checkpoint = fitted.trainer.checkpoint_callback.last_model_path
+    out = tmp_path / "predict"
+    lightning_cli(
+        ["predict", "--config", CE_CONFIG, "--ckpt_path", checkpoint, "--trainer.default_root_dir", str(out),
+         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.decoding.max_new_tokens=8"]
+    )  # fmt: skip
+    rows = json.loads((out / "predictions.json").read_text())
+    test_ids = [r.image_id for r in fitted.datamodule.split("test").images]
+    assert [row["image_id"] for row in rows] == test_ids
+    assert all(isinstance(row["caption"], str) for row in rows)
+
+
+def test_python_dash_m_clipcap_shows_the_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "clipcap", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--model.objective" in result.stdout

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from clipcap.data.batch import collate_caption_batch
@@ -56,3 +57,33 @@ class SampleCaptions(pl.Callback):
                     )
                     + "\n"
                 )
+
+
+class CaptionWriter(BasePredictionWriter):
+    """Writes ``clipcap predict`` captions as ``predictions.json`` in the COCO results format.
+
+    The file is ``[{"image_id", "caption"}]`` (plus ``captions`` when several were decoded per image),
+    written atomically into ``output_dir`` (the run's log folder when None). Under DDP each rank writes
+    ``predictions.rank<k>.json``; rank files are de-duplicated by image id when merged.
+
+    Args:
+        output_dir: the folder to write into.
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+
+    def write_on_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions, batch_indices
+    ) -> None:
+        rows = [row for batch in predictions for row in batch]
+        folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = (
+            "predictions.json" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.json"
+        )
+        temporary = folder / f".{name}.tmp"
+        temporary.write_text(json.dumps(rows, indent=1))
+        temporary.replace(folder / name)
+        rank_zero_info(f"Wrote {len(rows)} captions to {folder / name}")
