@@ -21,6 +21,7 @@ from clipcap.features import (
     ImageReadError,
     cache_expectation,
     extract_features,
+    load_image,
 )
 
 META = {
@@ -54,7 +55,15 @@ def test_round_trip(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.asarray(opened.features), features)
         assert opened.image_ids == ids
         assert len(opened) == 5 and opened.dim == 8
-    assert cache.meta == {**META, "dim": 8, "count": 5, "format_version": cache_module.FORMAT_VERSION}
+    assert cache.meta == {
+        **META,
+        "dim": 8,
+        "count": 5,
+        "format_version": cache_module.FORMAT_VERSION,
+        "grid_shape": None,
+        "grid_dtype": None,
+    }
+    assert cache.grid is None
     assert cache.index_of("42") == 3
     np.testing.assert_array_equal(cache.get("a"), features[1])
     assert "x y" in cache and "zzz" not in cache
@@ -329,7 +338,7 @@ def test_extraction_equals_direct_encoding(encoder: ClipEncoder, image_files, tm
 
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "truncated"])
-def test_unreadable_image_names_file_and_id(
+def test_unreadable_image_is_named_and_skipped(
     encoder: ClipEncoder, image_files, tmp_path: Path, problem: str
 ) -> None:
     paths, ids = image_files
@@ -341,12 +350,15 @@ def test_unreadable_image_names_file_and_id(
     else:
         broken.write_bytes(broken.read_bytes()[:60])
     with pytest.raises(ImageReadError) as raised:
-        extract_features(
-            encoder, paths, ids, tmp_path / "features", "toy", "train", batch_size=2, progress=False
-        )
+        load_image(broken, "img3")
     assert str(broken) in str(raised.value) and "'img3'" in str(raised.value)
     assert raised.value.image_id == "img3" and raised.value.path == broken
-    assert not (tmp_path / "features").exists()
+    # Extraction skips the image instead of failing; the cache holds the others.
+    cache = extract_features(
+        encoder, paths, ids, tmp_path / "features", "toy", "train", batch_size=2, progress=False
+    )
+    assert cache.image_ids == ["img0", "img1", "img2", "img4"]
+    assert [item["image_id"] for item in cache.meta["skipped"]] == ["img3"]
 
 
 def test_extraction_checks_ids_before_encoding(encoder: ClipEncoder, image_files, tmp_path: Path) -> None:

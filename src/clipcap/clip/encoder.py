@@ -1,6 +1,7 @@
 """A frozen CLIP (``transformers.CLIPModel``) with the tokenizer and preprocessing that belong to it.
 
-Legend for shapes: B = batch size, S = image crop size, L = token length, D = CLIP projection dimension.
+Legend for shapes: B = batch size, S = image crop size, L = token length, D = CLIP projection dimension,
+G = number of image patches (grid tokens), ``(S / patch size)²``.
 """
 
 from __future__ import annotations
@@ -143,6 +144,46 @@ class ClipEncoder(torch.nn.Module):
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         output = self.model.get_image_features(pixel_values=pixel_values)
         return output.pooler_output.float()
+
+    @property
+    def grid_size(self) -> int:
+        """G, the number of patch tokens of :meth:`encode_image_grid` (``(S / patch size)²``)."""
+        vision = self.model.config.vision_config
+        return int((vision.image_size // vision.patch_size) ** 2)
+
+    @torch.no_grad()
+    def encode_images_and_grid(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled embeddings and grid features from one forward pass of the vision transformer.
+
+        The pooled embedding is exactly :meth:`encode_images`' (``get_image_features``: the CLS token
+        through ``post_layernorm`` and ``visual_projection``). The grid features are the patch tokens of
+        the last layer (``last_hidden_state`` without the CLS token) through the same ``post_layernorm``
+        and ``visual_projection``, so they live in the pooled embedding's D-dim space (CLIP-ViL-style grid
+        features, a prefix source for the Transformer mapper).
+
+        Args:
+            pixel_values: (B, 3, S, S) preprocessed images.
+
+        Returns:
+            ``(pooled, grid)``: (B, D) and (B, G, D) float32, not normalised.
+        """
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        vision = self.model.vision_model(pixel_values=pixel_values, return_dict=True)
+        pooled = self.model.visual_projection(vision.pooler_output)
+        patches = self.model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:, :])
+        grid = self.model.visual_projection(patches)
+        return pooled.float(), grid.float()
+
+    def encode_image_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Grid features: projected patch tokens (see :meth:`encode_images_and_grid`).
+
+        Args:
+            pixel_values: (B, 3, S, S) preprocessed images.
+
+        Returns:
+            (B, G, D) float32, not normalised.
+        """
+        return self.encode_images_and_grid(pixel_values)[1]
 
     def encode_pil(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Projected embeddings of PIL images (preprocessed with :attr:`preprocess`).
