@@ -36,5 +36,6 @@ lint: $(STAMP) ## ruff lint and format check
 
 bench: $(STAMP) ## speed benchmarks (prints figures; see docs/benchmarks.md)
 	$(PYTHON) benchmarks/bench_captioner.py
+	$(PYTHON) benchmarks/bench_data.py
 
 .PHONY: help install demo test test-full lint bench

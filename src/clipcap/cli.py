@@ -2,7 +2,8 @@
 
 ``clipcap fit|validate|test|predict --config lightning_configs/<x>.yaml [--overrides]`` is a LightningCLI
 over ``CaptionModule`` and any ``CaptionDataModule``; YAML may use OmegaConf interpolation (``${...}``).
-``clipcap world`` builds the synthetic world, ``clipcap demo`` runs the main job on it.
+``clipcap features --config ...`` extracts and caches the config's CLIP image features, ``clipcap world``
+builds the synthetic world, ``clipcap demo`` runs the main job on it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> ClipcapCLI
 _EXTRA_COMMANDS = {
     "world": "clipcap.synthetic.world:main",
     "demo": "clipcap.demo:main",
+    "features": "clipcap.training.features:main",
 }
 
 

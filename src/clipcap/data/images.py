@@ -119,7 +119,9 @@ def _decode(file: str | io.BytesIO, source: str, image_id: str, max_pixels: int 
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... from broken headers
-        raise ImageReadError(source, image_id, f"not an image ({type(error).__name__}: {error})") from None
+        # A file cut short can end inside its header (a small JPEG's tables), so open() already fails.
+        what = "truncated" if "truncat" in str(error).lower() else "not an image"
+        raise ImageReadError(source, image_id, f"{what} ({type(error).__name__}: {error})") from None
     with opened as image:
         pixels = image.width * image.height
         if max_pixels is not None and pixels > max_pixels:

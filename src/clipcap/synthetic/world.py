@@ -859,7 +859,9 @@ def train_lm(lm_dir: Path, records: Sequence[SceneRecord], spec: WorldSpec) -> d
 def write_features(folder: Path, records: Sequence[SceneRecord], spec: WorldSpec, clip_name: str) -> None:
     """Extracts the world CLIP's image features of every split into ``folder/features/<split>``.
 
-    The CLIP is loaded back from ``folder/clip``, so the saved checkpoint is what the features come from.
+    This is the code path of ``clipcap features`` (``extract_entries`` on :class:`ImageEntry` records, then
+    ``summary.json``), and the CLIP is loaded back from ``folder/clip``, so the saved checkpoint is what
+    the features come from.
 
     Args:
         folder: the world folder being built.
@@ -870,24 +872,34 @@ def write_features(folder: Path, records: Sequence[SceneRecord], spec: WorldSpec
     from transformers import CLIPModel
 
     from clipcap.clip import ClipEncoder, ClipImagePreprocessor
-    from clipcap.features.extract import extract_features
+    from clipcap.data.records import ImageEntry
+    from clipcap.features.extract import extract_entries, write_summary
 
     clip_dir = folder / CLIP_DIR
     encoder = ClipEncoder.from_model(
         CLIPModel.from_pretrained(clip_dir), ClipImagePreprocessor.from_pretrained(clip_dir), name=clip_name
     )
+    reports = []
     for split in SPLITS:
-        subset = [record for record in records if record.split == split]
-        extract_features(
-            encoder,
-            [folder / record.file_name for record in subset],
-            [record.image_id for record in subset],
-            folder / FEATURES_DIR / split,
-            dataset=DATASET_NAME,
-            split=split,
-            batch_size=spec.feature_batch_size,
-            progress=False,
+        entries = [
+            ImageEntry(record.image_id, str(folder / record.file_name), record.captions, split)
+            for record in records
+            if record.split == split
+        ]
+        reports.append(
+            extract_entries(
+                encoder,
+                entries,
+                folder / FEATURES_DIR / split,
+                dataset=DATASET_NAME,
+                split=split,
+                batch_size=spec.feature_batch_size,
+                progress=False,
+            )
         )
+        if reports[-1].skipped:
+            raise RuntimeError(f"the world's own images failed to load: {reports[-1].skipped[:3]}")
+    write_summary(folder / FEATURES_DIR, reports, dropped_empty_captions={split: 0 for split in SPLITS})
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -1,7 +1,28 @@
 """The Lightning layer: it wires the plain-PyTorch core into a trainer and imports Lightning."""
 
 from clipcap.training.callbacks import CaptionWriter, SampleCaptions
-from clipcap.training.data import CaptionDataModule, SyntheticCaptions
+from clipcap.training.data import (
+    CaptionDataModule,
+    CocoCaptions,
+    CocoKarpathy,
+    Concadia,
+    ConceptualCaptions,
+    Flickr30k,
+    NoCaps,
+    SyntheticCaptions,
+)
 from clipcap.training.module import CaptionModule
 
-__all__ = ["CaptionDataModule", "CaptionWriter", "CaptionModule", "SampleCaptions", "SyntheticCaptions"]
+__all__ = [
+    "CaptionDataModule",
+    "CaptionModule",
+    "CaptionWriter",
+    "CocoCaptions",
+    "CocoKarpathy",
+    "Concadia",
+    "ConceptualCaptions",
+    "Flickr30k",
+    "NoCaps",
+    "SampleCaptions",
+    "SyntheticCaptions",
+]

@@ -1,0 +1,147 @@
+"""``clipcap features``: extract and cache the frozen-CLIP image features of a config's dataset.
+
+The datamodule of a training config says everything extraction needs (annotation files, image folders,
+``features_dir``, ``clip_model``), so the same file drives both::
+
+    clipcap features --config lightning_configs/coco/ce.yaml [--splits train,val,test] [--grid]
+    clipcap fit      --config lightning_configs/coco/ce.yaml
+
+Each image is encoded once, however many captions it has. Extraction is batched, resumable (run the same
+command again after an interruption and it continues where it stopped) and shardable (``--shard K/N`` in N
+processes or on N GPUs; the last one to finish assembles the cache). It ends by writing ``summary.json`` in
+``features_dir``: per split, the images, captions, dropped empty captions and skipped files with reasons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from clipcap.data.images import DEFAULT_MAX_PIXELS
+from clipcap.training.data import CaptionDataModule
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_datamodule(config_file: str, overrides: list[str]) -> CaptionDataModule:
+    """Builds only the ``data`` section of a training config (the model is never loaded).
+
+    Args:
+        config_file: a YAML config as ``clipcap fit`` takes it.
+        overrides: ``--data.init_args.<name>=<value>`` (or ``--data.<name>=<value>``) options.
+
+    Raises:
+        FileNotFoundError: the config does not exist.
+        ValueError: the config has no ``data`` section.
+    """
+    from jsonargparse import ArgumentParser
+
+    path = Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"clipcap features: config file {path} does not exist")
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict) or loaded.get("data") is None:
+        raise ValueError(f"clipcap features: {path} has no `data:` section")
+    parser = ArgumentParser(prog="clipcap features", exit_on_error=False)
+    parser.add_subclass_arguments(CaptionDataModule, "data", required=True)
+    config = parser.parse_args(["--data", json.dumps(loaded["data"]), *overrides])
+    return parser.instantiate_classes(config).data
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` → ``(K, N)`` with 0 ≤ K < N; None stays None."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text}: need 0 ≤ K < N")
+    return index, count
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``clipcap features``; returns the reports by split."""
+    parser = argparse.ArgumentParser(
+        prog="clipcap features",
+        description=__doc__.splitlines()[0],
+        epilog="Other options are applied to the config's data section, e.g. "
+        "--data.init_args.features_dir=features/coco --data.init_args.clip_model=openai/clip-vit-large-patch14",
+    )
+    parser.add_argument("--config", required=True, help="the training config whose data to extract")
+    parser.add_argument("--splits", default=None, help="comma-separated splits (default: the dataset's)")
+    parser.add_argument("--clip", default=None, help="CLIP to extract with (default: data.clip_model)")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--num_workers", type=int, default=0, help="image-decoding worker processes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="CLIP weights dtype")
+    parser.add_argument("--grid", action="store_true", help="also cache the (G, D) patch-token features")
+    parser.add_argument("--shard", default=None, help="K/N: this process does every N-th chunk from K")
+    parser.add_argument(
+        "--max_pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images with more pixels (decompression bombs); 0 disables the limit",
+    )
+    parser.add_argument("--force", action="store_true", help="re-extract caches that are up to date")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    shard = parse_shard(args.shard)
+
+    from clipcap.clip.encoder import ClipEncoder
+    from clipcap.features.extract import extract_entries, write_summary
+
+    datamodule = build_datamodule(args.config, overrides)
+    clip_name = args.clip or datamodule.clip_model
+    if clip_name is None:
+        raise SystemExit(
+            "clipcap features: no CLIP to extract with: set data.init_args.clip_model in the config or "
+            "pass --clip"
+        )
+    if args.clip and datamodule.clip_model and args.clip != datamodule.clip_model:
+        logger.warning(
+            "extracting with --clip %s while the config trains with data.init_args.clip_model=%s: "
+            "training will refuse these features",
+            args.clip,
+            datamodule.clip_model,
+        )
+    encoder = ClipEncoder(clip_name, dtype=_DTYPES[args.dtype]).to(args.device)
+    splits = args.splits.split(",") if args.splits else list(datamodule.splits_available)
+    reports = {}
+    dropped = {}
+    for split in splits:
+        annotations = datamodule.annotations(split)
+        dropped[split] = annotations.dropped_empty_captions
+        reports[split] = extract_entries(
+            encoder,
+            annotations.entries,
+            datamodule.feature_folder(split),
+            dataset=datamodule.dataset_name,
+            split=split,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            grid=args.grid,
+            shard=shard,
+            progress=not args.no_progress,
+            max_pixels=args.max_pixels or None,
+            force=args.force,
+        )
+        report = reports[split]
+        print(
+            f"[features] {datamodule.dataset_name}/{split}: {report.extracted} of {report.images} images, "
+            f"{len(report.skipped)} skipped, {report.seconds:.1f}s"
+            + ("" if report.complete else " (this shard's part; the cache is assembled by the last shard)")
+        )
+    summary = write_summary(datamodule.features_dir, list(reports.values()), dropped_empty_captions=dropped)
+    print(f"[features] summary: {summary}")
+    return reports
