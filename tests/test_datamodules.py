@@ -425,3 +425,38 @@ def test_grid_features_train_the_transformer_mapper(corpora, tmp_path: Path) -> 
     no_grid = build_datamodule(str(corpora["flickr30k"]), ["--data.init_args.grid_features=true"])
     with pytest.raises(ValueError, match="--grid"):
         no_grid.split("train")
+
+
+def test_bf16_extraction_is_accepted_by_training_and_is_not_the_fp32_cache(corpora, tmp_path: Path) -> None:
+    override = f"--data.init_args.features_dir={tmp_path / 'bf16'}"
+    config = str(corpora["concadia"])
+    features_main(["--config", config, "--dtype", "bfloat16", "--no_progress", override])
+    datamodule = build_datamodule(config, [override])  # clip_model is set: the fingerprint is checked
+    bf16 = datamodule.split("train").features.get("wiki_0.png")
+    fp32 = build_datamodule(config, []).split("train").features.get("wiki_0.png")
+    assert not (bf16 == fp32).all() and abs(bf16 - fp32).max() < 0.1 * abs(fp32).max()
+    reports = features_main(["--config", config, "--splits", "train", "--no_progress", override])
+    assert (reports["train"].complete, reports["train"].extracted) == (True, 2)
+    refreshed = build_datamodule(config, [override]).split("train").features.get("wiki_0.png")
+    assert (refreshed == fp32).all(), "an fp32 run must not take the bf16 cache as up to date"
+
+
+def test_malformed_annotations_stop_extraction_with_one_message(tiny_world: Path, tmp_path: Path) -> None:
+    annotation = tmp_path / "dataset_flickr30k.json"
+    annotation.write_text(json.dumps({"images": [{"filename": "1.jpg", "imgid": 0, "split": "train"}]}))
+    config = tmp_path / "data.yaml"
+    data = {
+        "class_path": "clipcap.training.Flickr30k",
+        "init_args": {
+            "annotation_file": str(annotation),
+            "image_dir": str(tmp_path),
+            "features_dir": str(tmp_path / "features"),
+            "clip_model": str(tiny_world / "clip"),
+        },
+    }
+    config.write_text(yaml.safe_dump({"data": data}))
+    with pytest.raises(SystemExit) as stopped:
+        features_main(["--config", str(config), "--no_progress"])
+    message = str(stopped.value)
+    assert "dataset_flickr30k.json" in message and "images[0]" in message and "sentences" in message
+    assert not (tmp_path / "features" / "train").exists()

@@ -502,6 +502,7 @@ def _manifest(
         "batch_size": batch_size,
         "clip": encoder.fingerprint(),
         "clip_dtype": str(encoder.dtype).removeprefix("torch."),
+        "autocast": _autocast_dtype(encoder.device),
         "preprocessing": encoder.preprocess.to_dict(),
         "grid": grid,
         "grid_dtype": grid_dtype if grid else None,
@@ -517,6 +518,14 @@ def _manifest(
     text = json.dumps(compared, sort_keys=True, separators=(",", ":"))
     manifest["digest"] = hashlib.sha256(text.encode()).hexdigest()
     return manifest
+
+
+def _autocast_dtype(device: torch.device) -> str | None:
+    """The autocast precision in force for ``device`` (``clipcap features --dtype``), or None: it changes
+    the features, so it is part of the manifest."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
 
 
 def _prepare_partial(partial: Path, manifest: dict[str, Any]) -> None:

@@ -15,8 +15,10 @@ processes or on N GPUs; the last one to finish assembles the cache). It ends by 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +59,14 @@ def build_datamodule(config_file: str, overrides: list[str]) -> CaptionDataModul
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"K/N"`` → ``(K, N)`` with 0 ≤ K < N; None stays None."""
+    """``"K/N"`` → ``(K, N)`` with 0 ≤ K < N; ``"auto"`` → ``(RANK, WORLD_SIZE)`` as ``torchrun`` sets
+    them (None outside ``torchrun``); None stays None."""
     if text is None:
         return None
+    if text == "auto":
+        if "WORLD_SIZE" not in os.environ:
+            return None
+        return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
@@ -82,10 +89,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clip", default=None, help="CLIP to extract with (default: data.clip_model)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--num_workers", type=int, default=0, help="image-decoding worker processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="CLIP weights dtype")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cuda, cuda:1, cpu... (default: cuda:$LOCAL_RANK if a GPU is seen, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(_DTYPES),
+        help="autocast precision of the CLIP forward pass (weights stay float32, so the cache's CLIP "
+        "fingerprint matches the one training checks)",
+    )
     parser.add_argument("--grid", action="store_true", help="also cache the (G, D) patch-token features")
-    parser.add_argument("--shard", default=None, help="K/N: this process does every N-th chunk from K")
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="K/N: this process does every N-th chunk from K; `auto` takes RANK/WORLD_SIZE from torchrun",
+    )
     parser.add_argument(
         "--max_pixels",
         type=int,
@@ -98,6 +119,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     shard = parse_shard(args.shard)
 
+    try:
+        return _extract(args, overrides, shard)
+    except (FileNotFoundError, ValueError) as error:  # AnnotationError, FeatureCacheMismatch, bad options
+        raise SystemExit(f"clipcap features: {error}") from error
+
+
+def _extract(args: argparse.Namespace, overrides: list[str], shard: tuple[int, int] | None) -> dict[str, Any]:
     from clipcap.clip.encoder import ClipEncoder
     from clipcap.features.extract import extract_entries, write_summary
 
@@ -115,27 +143,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.clip,
             datamodule.clip_model,
         )
-    encoder = ClipEncoder(clip_name, dtype=_DTYPES[args.dtype]).to(args.device)
+    device = args.device
+    if device is None:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    encoder = ClipEncoder(clip_name).to(device)
+    precision = _DTYPES[args.dtype]
+    autocast = (
+        torch.autocast(device_type=torch.device(device).type, dtype=precision)
+        if precision != torch.float32
+        else contextlib.nullcontext()
+    )
     splits = args.splits.split(",") if args.splits else list(datamodule.splits_available)
     reports = {}
     dropped = {}
     for split in splits:
         annotations = datamodule.annotations(split)
         dropped[split] = annotations.dropped_empty_captions
-        reports[split] = extract_entries(
-            encoder,
-            annotations.entries,
-            datamodule.feature_folder(split),
-            dataset=datamodule.dataset_name,
-            split=split,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            grid=args.grid,
-            shard=shard,
-            progress=not args.no_progress,
-            max_pixels=args.max_pixels or None,
-            force=args.force,
-        )
+        with autocast:
+            reports[split] = extract_entries(
+                encoder,
+                annotations.entries,
+                datamodule.feature_folder(split),
+                dataset=datamodule.dataset_name,
+                split=split,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                grid=args.grid,
+                shard=shard,
+                progress=not args.no_progress,
+                max_pixels=args.max_pixels or None,
+                force=args.force,
+            )
         report = reports[split]
         print(
             f"[features] {datamodule.dataset_name}/{split}: {report.extracted} of {report.images} images, "
