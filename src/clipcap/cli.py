@@ -2,7 +2,8 @@
 
 ``clipcap fit|validate|test|predict --config lightning_configs/<x>.yaml [--overrides]`` is a LightningCLI
 over ``CaptionModule`` and any ``CaptionDataModule``; YAML may use OmegaConf interpolation (``${...}``).
-``clipcap features --config ...`` extracts and caches the config's CLIP image features, ``clipcap world``
+``clipcap features --config ...`` extracts and caches the config's CLIP image features, ``clipcap caption
+--ckpt ... IMAGE...`` captions image files, ``clipcap world``
 builds the synthetic world, ``clipcap demo`` runs the main job on it.
 """
 
@@ -51,6 +52,7 @@ _EXTRA_COMMANDS = {
     "world": "clipcap.synthetic.world:main",
     "demo": "clipcap.demo:main",
     "features": "clipcap.training.features:main",
+    "caption": "clipcap.training.caption:main",
 }
 
 

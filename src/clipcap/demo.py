@@ -1,8 +1,9 @@
 """``clipcap demo``: the main job, end to end, on the embedded synthetic world.
 
 Builds the world if it is absent, trains a captioner with the given config (cross-entropy by default),
-reloads the best checkpoint the way a user would, captions the test split, and prints BLEU-4 and CIDEr
-next to a trivial baseline (the most frequent training caption for every image), plus a few samples.
+tests the best checkpoint with ``CaptionEvaluation`` (beam 5: BLEU, METEOR, ROUGE-L, CIDEr, CLIPScore,
+RefCLIPScore, RefCompare, retrieval P@1, and ``report.html``), and prints the metrics next to a trivial
+baseline (the most frequent training caption for every image), plus a few samples.
 """
 
 from __future__ import annotations
@@ -15,27 +16,19 @@ from pathlib import Path
 
 import torch
 
-from clipcap.data.batch import collate_caption_batch
-from clipcap.metrics.nlg import coco_caption_scores
-from clipcap.training.data import CaptionDataModule, CaptionImages
-from clipcap.training.module import CaptionModule
+from clipcap.training.data import CaptionDataModule
+from clipcap.training.evaluation import CaptionEvaluation, score_captions
 
-
-def caption_split(module: CaptionModule, datamodule: CaptionDataModule, split: str) -> dict[str, str]:
-    """Captions every image of ``split`` with the module's decoding settings: image id → caption."""
-    images = CaptionImages(datamodule.split(split))
-    predictions: dict[str, str] = {}
-    module.eval()
-    for start in range(0, len(images), datamodule.eval_batch_size):
-        batch = collate_caption_batch(
-            [images[i] for i in range(start, min(start + datamodule.eval_batch_size, len(images)))]
-        )
-        with torch.no_grad():
-            captions = module.captioner.generate(batch.clip_features.to(module.device), module.decoding)
-        predictions.update(
-            {image_id: texts[0] for image_id, texts in zip(batch.image_ids, captions, strict=True)}
-        )
-    return predictions
+TABLE_COLUMNS = (
+    "Bleu_4",
+    "METEOR",
+    "ROUGE_L",
+    "CIDEr",
+    "clip_score",
+    "ref_clip_score",
+    "ref_compare",
+    "retrieval_p_at_1",
+)
 
 
 def most_frequent_caption(datamodule: CaptionDataModule) -> str:
@@ -44,11 +37,18 @@ def most_frequent_caption(datamodule: CaptionDataModule) -> str:
     return counts.most_common(1)[0][0]
 
 
-def format_table(rows: dict[str, dict[str, float]], columns: tuple[str, ...] = ("Bleu_4", "CIDEr")) -> str:
+def format_table(rows: dict[str, dict[str, float]], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
+    """A fixed-width table, one row per system; a metric a row lacks is shown as ``-``."""
+    columns = tuple(c for c in columns if any(c in scores for scores in rows.values()))
     width = max(len(name) for name in rows) + 2
-    lines = [f"{'':<{width}}" + "".join(f"{c:>10}" for c in columns)]
+    cells = [max(8, len(c) + 2) for c in columns]
+    lines = [f"{'':<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(columns, cells, strict=True))]
     for name, scores in rows.items():
-        lines.append(f"{name:<{width}}" + "".join(f"{scores[c]:>10.3f}" for c in columns))
+        values = "".join(
+            f"{scores[c]:>{w}.3f}" if c in scores else f"{'-':>{w}}"
+            for c, w in zip(columns, cells, strict=True)
+        )
+        lines.append(f"{name:<{width}}" + values)
     return "\n".join(lines)
 
 
@@ -81,29 +81,42 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     ]
     cli = lightning_cli(fit_args)
     best = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
-    print(f"[demo] trained in {time.perf_counter() - started:.0f}s; reloading {best}")
-    module = CaptionModule.load_from_checkpoint(best, map_location="cpu", weights_only=False)
+    print(f"[demo] trained in {time.perf_counter() - started:.0f}s; testing {best}")
+    evaluation = next((c for c in cli.trainer.callbacks if isinstance(c, CaptionEvaluation)), None)
+    if evaluation is None:
+        raise SystemExit(f"[demo] {args.config} has no CaptionEvaluation callback to test with")
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
     datamodule = cli.datamodule
-
-    references = {r.image_id: r.references for r in datamodule.split("test").images}
-    predictions = caption_split(module, datamodule, "test")
-    baseline_caption = most_frequent_caption(datamodule)
-    rows = {
-        f"baseline: always {baseline_caption!r}": coco_caption_scores(
-            {image_id: baseline_caption for image_id in references}, references
-        ),
-        "clipcap (cross-entropy)": coco_caption_scores(predictions, references),
+    folder = evaluation.output_folder(cli.trainer, "test")
+    predictions = {
+        row["image_id"]: row["caption"] for row in json.loads((folder / "predictions.json").read_text())
     }
-    print(f"\n[demo] test split, {len(references)} images\n" + format_table(rows))
+
+    test_images = datamodule.split("test").images
+    baseline_caption = most_frequent_caption(datamodule)
+    baseline = score_captions(
+        evaluation, datamodule, "test", {e.image_id: baseline_caption for e in test_images}
+    )
+    rows = {
+        f"baseline: always {baseline_caption!r}": baseline,
+        "clipcap (cross-entropy)": evaluation.last_metrics,
+    }
+    print(
+        f"\n[demo] test split, {len(test_images)} images, beam {evaluation.decoding['test'].num_beams}\n"
+        + format_table(rows)
+    )
     print("\n[demo] samples (generated | first reference):")
-    for image_id in list(references)[: args.samples]:
-        print(f"  {image_id}: {predictions[image_id]!r} | {references[image_id][0]!r}")
+    for entry in test_images[: args.samples]:
+        print(f"  {entry.image_id}: {predictions[entry.image_id]!r} | {entry.references[0]!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"checkpoint": best, "scores": rows, "seconds": time.perf_counter() - started}
+    results = {
+        "checkpoint": best,
+        "scores": rows,
+        "report": str(folder / "report.html"),
+        "seconds": time.perf_counter() - started,
+    }
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
-    (out / "test_predictions.json").write_text(
-        json.dumps([{"image_id": i, "caption": c} for i, c in predictions.items()], indent=1)
-    )
-    print(f"\n[demo] done in {time.perf_counter() - started:.0f}s; results in {out / 'demo_results.json'}")
+    print(f"\n[demo] report: {folder / 'report.html'}")
+    print(f"[demo] done in {time.perf_counter() - started:.0f}s; results in {out / 'demo_results.json'}")
     return rows

@@ -11,10 +11,12 @@ from clipcap.training.data import (
     NoCaps,
     SyntheticCaptions,
 )
+from clipcap.training.evaluation import CaptionEvaluation
 from clipcap.training.module import CaptionModule
 
 __all__ = [
     "CaptionDataModule",
+    "CaptionEvaluation",
     "CaptionModule",
     "CaptionWriter",
     "CocoCaptions",

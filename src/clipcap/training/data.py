@@ -157,6 +157,9 @@ class CaptionDataModule(pl.LightningDataModule):
         grid_features: bool = False,
     ) -> None:
         super().__init__()
+        # Recorded in checkpoints (datamodule_hyper_parameters): `clipcap caption` finds the CLIP the
+        # captioner was trained on there.
+        self.save_hyperparameters()
         self._features_dir = features_dir
         self.clip_model = clip_model
         self.batch_size = batch_size
@@ -245,6 +248,14 @@ class CaptionDataModule(pl.LightningDataModule):
             if self.unlabelled:
                 present = unlabelled_pool(present)
         return CaptionSplit(features=features, images=present, grid=self.grid_features)
+
+    def reference_sets(self, split: str) -> dict[str, list[tuple[str, ...]]]:
+        """The reference sets metrics score a split against, each aligned with ``split(split).images``.
+
+        One set named ``""`` (the served references) by default; a corpus with several kinds of reference
+        (Concadia's captions and descriptions) returns one set per kind, and metrics break down by set.
+        """
+        return {"": [entry.references for entry in self.split(split).images]}
 
     def split(self, name: str) -> CaptionSplit:
         if name not in self.splits:
@@ -501,6 +512,21 @@ class Concadia(CaptionDataModule):
 
     def read_split(self, split: str) -> AnnotationSet:
         return read_concadia(self.annotation_file, self.image_dir, split, reference=self.reference)
+
+    def reference_sets(self, split: str) -> dict[str, list[tuple[str, ...]]]:
+        """Both of Concadia's reference sets, so metrics report captions and descriptions side by side
+        (the served one, ``reference``, is what training targets)."""
+        images = self.split(split).images
+        sets = {}
+        for kind in ("caption", "description"):
+            by_id = {
+                entry.image_id: entry.references
+                for entry in read_concadia(
+                    self.annotation_file, self.image_dir, split, reference=kind
+                ).entries
+            }
+            sets[kind] = [by_id.get(entry.image_id, ()) for entry in images]
+        return sets
 
 
 class SyntheticCaptions(CaptionDataModule):

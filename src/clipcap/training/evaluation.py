@@ -1,0 +1,333 @@
+"""``CaptionEvaluation``: generate captions on the validation/test split and compute every metric once.
+
+Each rank captions its shard of the split batch by batch; the metrics' states (dataset indices, captions,
+CLIP similarities) are gathered across ranks and de-duplicated by image when computed, so a DDP run gives
+the numbers of a single-process run on the same data. Rank 0 then writes ``predictions.json`` (COCO
+results format), ``metrics.json`` and, at test time, ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from clipcap.data.batch import CaptionBatch
+from clipcap.features.cache import FeatureCache
+from clipcap.generation import DecodingConfig
+from clipcap.metrics.caption_metrics import ClipCaptionScores, NLGScores
+from clipcap.metrics.report import ReportRow, write_report
+from clipcap.training.data import CaptionDataModule
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NLG_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+
+
+@dataclass
+class _StageState:
+    """What one evaluation pass (a validation or test epoch) accumulates."""
+
+    split: str
+    image_ids: list[str]
+    index_of: dict[str, int]
+    nlg: NLGScores
+    clip: ClipCaptionScores | None
+    scoring_features: FeatureCache | None
+
+
+class CaptionEvaluation(pl.Callback):
+    """Captions the validation and test splits and scores them with NLG and CLIP metrics.
+
+    Args:
+        val_decoding: decoding at validation (greedy, 40 tokens by default).
+        test_decoding: decoding at test (beam 5 by default, as DiscriTune evaluates).
+        nlg_metrics: pycocoevalcap metrics (``BLEU`` gives Bleu_1..4, ``METEOR``, ``ROUGE_L``, ``CIDEr``,
+            ``SPICE``; SPICE is skipped with one message when Stanford CoreNLP is not installed).
+        scoring_clip: the CLIP that computes CLIPScore, RefCLIPScore, RefCompare and retrieval; the data's
+            ``clip_model`` when None. It may differ from the CLIP the captioner reads.
+        scoring_features_dir: feature caches (``<dir>/<split>``) made by ``scoring_clip`` when it is not
+            the data's CLIP (``clipcap features --clip <scoring_clip>
+            --data.init_args.features_dir=<dir>``).
+        clip_metrics: compute the CLIP-based metrics (needs a scoring CLIP).
+        prompt: text put before every caption and reference when CLIP scores it (Hessel et al. 2021).
+        block_size: images per block of the DiscriTune retrieval protocol.
+        num_distractors: distractors of the random-distractor retrieval mode.
+        val_every_n_epochs: evaluate every n-th validation (generation is the costly part).
+        report_at_validation: also write ``report.html`` after validations (always after test).
+        output_dir: where to write; ``<log dir>/<stage>`` when None.
+    """
+
+    def __init__(
+        self,
+        val_decoding: DecodingConfig | None = None,
+        test_decoding: DecodingConfig | None = None,
+        nlg_metrics: list[str] | None = None,
+        scoring_clip: str | None = None,
+        scoring_features_dir: str | None = None,
+        clip_metrics: bool = True,
+        prompt: str = "A photo depicts",
+        block_size: int = 100,
+        num_distractors: int = 99,
+        val_every_n_epochs: int = 1,
+        report_at_validation: bool = False,
+        output_dir: str | None = None,
+    ) -> None:
+        self.decoding = {
+            "val": val_decoding or DecodingConfig(),
+            "test": test_decoding or DecodingConfig(num_beams=5),
+        }
+        self.nlg_metrics = tuple(nlg_metrics) if nlg_metrics is not None else DEFAULT_NLG_METRICS
+        self.scoring_clip = scoring_clip
+        self.scoring_features_dir = scoring_features_dir
+        self.clip_metrics = clip_metrics
+        self.prompt = prompt
+        self.block_size = block_size
+        self.num_distractors = num_distractors
+        self.val_every_n_epochs = val_every_n_epochs
+        self.report_at_validation = report_at_validation
+        self.output_dir = output_dir
+        self._encoder = None
+        self._state: _StageState | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------- hooks
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.val_every_n_epochs:
+            self._state = None
+            return
+        self._state = self._start(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._state = self._start(trainer, pl_module, "test")
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self._update(pl_module, batch, "val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(pl_module, batch, "test")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    # ------------------------------------------------------------------------------------------- steps
+
+    def scoring_encoder(self, datamodule: CaptionDataModule):
+        """The scoring CLIP, loaded once (None when no CLIP is named anywhere)."""
+        name = self.scoring_clip or datamodule.clip_model
+        if name is None:
+            return None
+        if self._encoder is None or self._encoder.name != name:
+            from clipcap.clip.encoder import ClipEncoder
+
+            self._encoder = ClipEncoder(name)
+        return self._encoder
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> _StageState:
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, CaptionDataModule):
+            raise TypeError("CaptionEvaluation needs a CaptionDataModule")
+        split = datamodule.split(stage)
+        image_ids = [entry.image_id for entry in split.images]
+        groups = [entry.group for entry in split.images]
+        nlg = NLGScores(
+            datamodule.reference_sets(stage),
+            metrics=self.nlg_metrics,
+            groups=groups if any(g is not None for g in groups) else None,
+        ).to(pl_module.device)
+        clip = None
+        scoring_features = None
+        encoder = self.scoring_encoder(datamodule) if self.clip_metrics else None
+        if self.clip_metrics and encoder is None:
+            logger.warning(
+                "CaptionEvaluation: no scoring CLIP (set data.init_args.clip_model or the callback's "
+                "scoring_clip); CLIP metrics are skipped"
+            )
+        if encoder is not None:
+            scoring_features = self._scoring_features(datamodule, stage, encoder)
+            encoder.to(pl_module.device)
+            clip = ClipCaptionScores(
+                encoder,
+                [entry.references for entry in split.images],
+                groups=groups if any(g is not None for g in groups) else None,
+                prompt=self.prompt,
+                block_size=self.block_size,
+                num_distractors=self.num_distractors,
+            ).to(pl_module.device)
+        return _StageState(
+            split=stage,
+            image_ids=image_ids,
+            index_of={image_id: index for index, image_id in enumerate(image_ids)},
+            nlg=nlg,
+            clip=clip,
+            scoring_features=scoring_features,
+        )
+
+    def _scoring_features(self, datamodule: CaptionDataModule, stage: str, encoder) -> FeatureCache:
+        """Pooled image features of the scoring CLIP: the data's own cache when it is the same CLIP."""
+        if self.scoring_clip is None or self.scoring_clip == datamodule.clip_model:
+            return datamodule.split(stage).features
+        if self.scoring_features_dir is None:
+            raise ValueError(
+                f"CaptionEvaluation: scoring_clip={self.scoring_clip!r} differs from the data's CLIP, so "
+                "its image features are needed: extract them with `clipcap features --clip "
+                f"{self.scoring_clip} --data.init_args.features_dir=<dir>` and set scoring_features_dir"
+            )
+        from clipcap.features.extract import cache_expectation
+
+        return FeatureCache.open(
+            Path(self.scoring_features_dir) / stage,
+            expect=cache_expectation(encoder, dataset=datamodule.dataset_name, split=stage),
+        )
+
+    def _update(self, pl_module: pl.LightningModule, batch: CaptionBatch, stage: str) -> None:
+        state = self._state
+        if state is None or state.split != stage:
+            return
+        with torch.no_grad():
+            captions = [
+                texts[0] for texts in pl_module.captioner.generate(batch.clip_features, self.decoding[stage])
+            ]
+        unknown = [image_id for image_id in batch.image_ids if image_id not in state.index_of]
+        if unknown:
+            raise ValueError(f"CaptionEvaluation: images {unknown[:3]} are not in the {stage} split")
+        indices = torch.tensor([state.index_of[i] for i in batch.image_ids], device=pl_module.device)
+        state.nlg.update(indices, captions)
+        if state.clip is not None and state.scoring_features is not None:
+            image_embeds = torch.from_numpy(
+                np.stack([state.scoring_features.get(i) for i in batch.image_ids])
+            )
+            state.clip.update(indices, image_embeds.to(pl_module.device), captions)
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        state = self._state
+        if state is None or state.split != stage:
+            return
+        self._state = None
+        metrics = dict(state.nlg.compute())
+        if state.clip is not None:
+            metrics.update(state.clip.compute())
+        for name, value in metrics.items():
+            pl_module.log(f"{stage}/{name}", float(value), sync_dist=False, rank_zero_only=True)
+        self.last_metrics = {name: float(value) for name, value in metrics.items()}
+        # Both gather across ranks, so every rank calls them; rank 0 writes.
+        captions = state.nlg.captions()
+        per_image = state.clip.per_image() if state.clip is not None else {}
+        # trainer.log_dir is a collective under DDP: every rank must ask for it, not only the writer.
+        folder = self.output_folder(trainer, stage)
+        if trainer.is_global_zero:
+            self._write(trainer, folder, stage, state, captions, per_image)
+        state.nlg.reset()
+        if state.clip is not None:
+            state.clip.reset()
+
+    def _write(
+        self,
+        trainer: pl.Trainer,
+        folder: Path,
+        stage: str,
+        state: _StageState,
+        captions: dict[int, str],
+        per_image: dict[int, dict[str, float]],
+    ) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        predictions = [{"image_id": state.image_ids[i], "caption": captions[i]} for i in sorted(captions)]
+        _write_json(folder / "predictions.json", predictions)
+        _write_json(
+            folder / "metrics.json",
+            {
+                "stage": stage,
+                "epoch": trainer.current_epoch,
+                "images": len(captions),
+                "decoding": vars(self.decoding[stage]),
+                "metrics": self.last_metrics,
+            },
+        )
+        written = [folder / "predictions.json", folder / "metrics.json"]
+        if stage == "test" or self.report_at_validation:
+            entries = trainer.datamodule.split(stage).images
+            rows = [
+                ReportRow(
+                    image_id=entries[i].image_id,
+                    caption=captions[i],
+                    references=list(entries[i].references),
+                    scores=per_image.get(i, {}),
+                    image=entries[i].image,
+                    group=entries[i].group,
+                )
+                for i in sorted(captions)
+            ]
+            written.append(write_report(folder / "report.html", rows, self.last_metrics))
+        rank_zero_info(f"[evaluation] {stage}: wrote " + ", ".join(str(path) for path in written))
+
+    def output_folder(self, trainer: pl.Trainer, stage: str) -> Path:
+        """``output_dir`` or the run's log folder, then ``<stage>`` (``val/epoch=N`` at validation)."""
+        root = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        return root / stage if stage == "test" else root / stage / f"epoch={trainer.current_epoch}"
+
+
+def _write_json(path: Path, content: Any) -> None:
+    """Writes JSON atomically (a temporary file, then a rename): a crash never leaves half a file."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def score_captions(
+    evaluation: CaptionEvaluation, datamodule: CaptionDataModule, split: str, captions: dict[str, str]
+) -> dict[str, float]:
+    """Scores captions given outside a trainer (a baseline, a results file) with the callback's metrics.
+
+    Args:
+        evaluation: the metrics' settings.
+        datamodule: the data (its references, groups and, for CLIP metrics, features).
+        split: the split the captions are for.
+        captions: image id → caption, for every image of the split.
+
+    Raises:
+        ValueError: an id is not in the split, or an image of the split has no caption.
+    """
+    images = datamodule.split(split).images
+    index_of = {entry.image_id: index for index, entry in enumerate(images)}
+    unknown = sorted(set(captions) - set(index_of))
+    if unknown:
+        raise ValueError(f"captions for images that are not in the {split} split: {unknown[:3]}")
+    missing = [entry.image_id for entry in images if entry.image_id not in captions]
+    if missing:
+        raise ValueError(f"{len(missing)} images of the {split} split have no caption, e.g. {missing[:3]}")
+    groups = [entry.group for entry in images]
+    groups_or_none = groups if any(g is not None for g in groups) else None
+    indices = torch.arange(len(images))
+    texts = [captions[entry.image_id] for entry in images]
+    nlg = NLGScores(datamodule.reference_sets(split), metrics=evaluation.nlg_metrics, groups=groups_or_none)
+    nlg.update(indices, texts)
+    scores = dict(nlg.compute())
+    encoder = evaluation.scoring_encoder(datamodule) if evaluation.clip_metrics else None
+    if encoder is not None:
+        features = evaluation._scoring_features(datamodule, split, encoder)
+        clip = ClipCaptionScores(
+            encoder,
+            [entry.references for entry in images],
+            groups=groups_or_none,
+            prompt=evaluation.prompt,
+            block_size=evaluation.block_size,
+            num_distractors=evaluation.num_distractors,
+        )
+        image_embeds = torch.from_numpy(np.stack([features.get(entry.image_id) for entry in images]))
+        clip.update(indices, image_embeds, texts)
+        scores.update(clip.compute())
+    return {name: float(value) for name, value in scores.items()}
