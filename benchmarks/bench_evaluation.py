@@ -5,8 +5,8 @@ image), renders them, extracts their features with the world's CLIP, then times,
 (``make demo`` writes one):
 
 1. caption generation (the test decoding of ``CaptionEvaluation``: beam 5, and greedy for comparison);
-2. each NLG metric through pycocoevalcap, PTB tokenization timed on its own (BLEU, METEOR, ROUGE-L, CIDEr;
-   SPICE only when its jars are installed);
+2. each NLG metric through pycocoevalcap, each timing including its own PTB tokenization (BLEU, METEOR,
+   ROUGE-L, CIDEr; SPICE only when its jars are installed);
 3. the CLIP metrics (``ClipCaptionScores``: caption and reference encoding, CLIPScore, RefCLIPScore,
    RefCompare, retrieval P@1 in blocks of 100 and with 99 random distractors, recall@1/5/10);
 4. ``report.html`` with 5,000 embedded thumbnails.
