@@ -460,3 +460,11 @@ def test_malformed_annotations_stop_extraction_with_one_message(tiny_world: Path
     message = str(stopped.value)
     assert "dataset_flickr30k.json" in message and "images[0]" in message and "sentences" in message
     assert not (tmp_path / "features" / "train").exists()
+
+
+def test_concadia_is_scored_against_captions_and_descriptions(corpora) -> None:
+    datamodule = build_datamodule(str(corpora["concadia"]), [])
+    sets = datamodule.reference_sets("val")
+    assert sets == {"caption": [("caption 2.",)], "description": [("description 2.",)]}
+    single = build_datamodule(str(corpora["flickr30k"]), []).reference_sets("val")
+    assert single == {"": [("photo 1002.", "a picture.")]}
