@@ -175,3 +175,41 @@ def test_caption_command_names_a_bad_image(trained: Path, tmp_path: Path) -> Non
     broken.write_bytes(b"not a jpeg")
     with pytest.raises(SystemExit, match="broken.jpg"):
         caption_main(["--ckpt", str(trained), str(broken)])
+
+
+def test_a_different_scoring_clip_reads_its_own_features(
+    trained: Path, tiny_world: Path, tmp_path: Path
+) -> None:
+    from transformers import CLIPModel
+
+    from clipcap.training.features import main as features_main
+
+    other = tmp_path / "other_clip"
+    torch.manual_seed(7)
+    CLIPModel(CLIPModel.from_pretrained(tiny_world / "clip").config).save_pretrained(other)
+    (other / "preprocessor_config.json").write_bytes(
+        (tiny_world / "clip" / "preprocessor_config.json").read_bytes()
+    )
+    features_dir = tmp_path / "other_features"
+    features_main(
+        ["--config", CE_CONFIG, "--clip", str(other), "--splits", "test", "--no_progress",
+         f"--data.init_args.features_dir={features_dir}"]
+    )  # fmt: skip
+    datamodule = SyntheticCaptions(world_dir=str(tiny_world), clip_model="synthetic:clip")
+    ids = [entry.image_id for entry in datamodule.split("test").images]
+    captions = dict.fromkeys(ids, "a red circle.")
+    default = score_captions(CaptionEvaluation(nlg_metrics=["BLEU"]), datamodule, "test", captions)
+    scored = score_captions(
+        CaptionEvaluation(
+            nlg_metrics=["BLEU"], scoring_clip=str(other), scoring_features_dir=str(features_dir)
+        ),
+        datamodule,
+        "test",
+        captions,
+    )
+    assert scored["Bleu_4"] == default["Bleu_4"]
+    assert scored["clip_score"] != pytest.approx(default["clip_score"])
+    with pytest.raises(ValueError, match="scoring_features_dir"):
+        score_captions(
+            CaptionEvaluation(nlg_metrics=["BLEU"], scoring_clip=str(other)), datamodule, "test", captions
+        )
