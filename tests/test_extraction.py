@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, features
-from transformers import CLIPConfig, CLIPModel
 
 import clipcap.data.images as images_module
 import clipcap.features.extract as extract_module
@@ -37,32 +36,14 @@ from clipcap.features import (
     partial_folder,
     write_summary,
 )
+from tiny_models import tiny_clip_model
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def tiny_clip(seed: int) -> CLIPModel:
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
-        ),
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
-        projection_dim=16,
-    )
-    return CLIPModel(config).eval()
-
-
 @pytest.fixture(scope="module")
 def encoder() -> ClipEncoder:
-    return ClipEncoder.from_model(tiny_clip(seed=0), name="tiny")
+    return ClipEncoder.from_model(tiny_clip_model(seed=0), name="tiny")
 
 
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -623,7 +604,7 @@ def test_grid_extraction(encoder: ClipEncoder, good_entries: list[ImageEntry], t
     )
     assert half.complete and FeatureCache.open(tmp_path / "half").grid.dtype == np.float16
 
-    other = ClipEncoder.from_model(tiny_clip(seed=1), name="tiny")  # same architecture, other weights
+    other = ClipEncoder.from_model(tiny_clip_model(seed=1), name="tiny")  # same architecture, other weights
     with pytest.raises(FeatureCacheMismatch, match="clip.vision_weights_sha1"):
         FeatureCache.open(folder, expect=cache_expectation(other, "toy", "train"))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+from transformers import CLIPImageProcessorPil
 
 import clipcap.features.cache as cache_module
 from clipcap.clip import ClipEncoder
@@ -23,6 +23,7 @@ from clipcap.features import (
     extract_features,
     load_image,
 )
+from tiny_models import tiny_clip_model
 
 META = {
     "clip": {"name": "tiny", "path": "/models/tiny", "projection_dim": 8, "vision_weights_sha1": "abc123"},
@@ -259,28 +260,9 @@ def test_matching_expectation_is_accepted(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- extraction
 
 
-def tiny_clip(seed: int) -> CLIPModel:
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
-        ),
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
-        projection_dim=16,
-    )
-    return CLIPModel(config).eval()
-
-
 @pytest.fixture(scope="module")
 def encoder() -> ClipEncoder:
-    return ClipEncoder.from_model(tiny_clip(seed=0), name="tiny")
+    return ClipEncoder.from_model(tiny_clip_model(seed=0), name="tiny")
 
 
 @pytest.fixture
@@ -332,7 +314,7 @@ def test_extraction_equals_direct_encoding(encoder: ClipEncoder, image_files, tm
     np.testing.assert_array_equal(reopened.get("img3"), cache.features[3])
     with pytest.raises(FeatureCacheMismatch, match="split: cached 'train', expected 'val'"):
         FeatureCache.open(tmp_path / "features", expect=cache_expectation(encoder, "toy", "val"))
-    other = ClipEncoder.from_model(tiny_clip(seed=1), name="tiny")  # same architecture, other weights
+    other = ClipEncoder.from_model(tiny_clip_model(seed=1), name="tiny")  # same architecture, other weights
     with pytest.raises(FeatureCacheMismatch, match="clip.vision_weights_sha1"):
         FeatureCache.open(tmp_path / "features", expect=cache_expectation(other))
 

@@ -37,7 +37,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +59,7 @@ from clipcap.features.cache import (
     RowBlocks,
     validate_image_ids,
 )
+from clipcap.files import atomic_save_npy, atomic_write_json
 
 __all__ = [
     "ExtractionReport",
@@ -404,7 +404,7 @@ def write_summary(
                 "grid": report.grid,
             }
         summary["splits"] = dict(sorted(summary["splits"].items()))
-        _write_json_atomically(path, summary, indent=2)
+        atomic_write_json(path, summary, indent=2)
     return path
 
 
@@ -554,7 +554,7 @@ def _prepare_partial(partial: Path, manifest: dict[str, Any]) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
-    _write_json_atomically(path, manifest)
+    atomic_write_json(path, manifest)
 
 
 def _chunk_file(partial: Path, chunk: int, kind: str) -> Path:
@@ -589,12 +589,12 @@ def _encode_and_save_chunk(
         else:
             pooled = encoder.encode_images(pixels).float().cpu().numpy()
     chunk = item["chunk"]
-    _save_npy_atomically(_chunk_file(partial, chunk, "features.npy"), pooled)
+    atomic_save_npy(_chunk_file(partial, chunk, "features.npy"), pooled)
     if grid_features is not None:
-        _save_npy_atomically(_chunk_file(partial, chunk, "grid.npy"), grid_features)
+        atomic_save_npy(_chunk_file(partial, chunk, "grid.npy"), grid_features)
     # The marker comes last: a chunk without it is unfinished and is done again.
     marker = {"chunk": chunk, "digest": digest, "image_ids": item["image_ids"], "skipped": item["skipped"]}
-    _write_json_atomically(_chunk_file(partial, chunk, "json"), marker)
+    atomic_write_json(_chunk_file(partial, chunk, "json"), marker)
 
 
 def _shard_outcome(partial: Path, chunks: list[int]) -> tuple[list[str], list[dict[str, str]]]:
@@ -718,34 +718,7 @@ def _assemble_or_find(
     return cache
 
 
-# ------------------------------------------------------------------------------------------ files
-
-
-def _save_npy_atomically(path: Path, array: np.ndarray) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(temporary, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def _write_json_atomically(path: Path, content: Any, indent: int | None = None) -> None:
-    text = json.dumps(content, indent=indent, allow_nan=False) + "\n"
-    temporary = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+# ------------------------------------------------------------------------------------------ locks
 
 
 @contextmanager

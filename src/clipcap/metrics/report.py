@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from clipcap.data.images import ImageReadError, load_image
+from clipcap.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -108,16 +108,7 @@ def write_report(
     page = render_report(rows, metrics, title=title, thumbnail_size=thumbnail_size)
     # Ids taken from file names may hold lone surrogates (undecodable bytes); they must not fail the write.
     data = page.encode("utf-8", errors="replace")
-    temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data)
     logger.info("Wrote %s: %d entries, %.1f MB", target, len(rows), len(data) / 1e6)
     return target
 

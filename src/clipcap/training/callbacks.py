@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from clipcap.data.batch import collate_caption_batch
+from clipcap.files import atomic_write_json
 from clipcap.generation import DecodingConfig
 from clipcap.training.data import CaptionDataModule, CaptionImages
 
@@ -83,7 +84,5 @@ class CaptionWriter(BasePredictionWriter):
         name = (
             "predictions.json" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.json"
         )
-        temporary = folder / f".{name}.tmp"
-        temporary.write_text(json.dumps(rows, indent=1))
-        temporary.replace(folder / name)
+        atomic_write_json(folder / name, rows, indent=1)
         rank_zero_info(f"Wrote {len(rows)} captions to {folder / name}")

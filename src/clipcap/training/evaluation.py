@@ -8,12 +8,9 @@ results format), ``metrics.json`` and, at test time, ``report.html``.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from clipcap.data.batch import CaptionBatch
 from clipcap.features.cache import FeatureCache
+from clipcap.files import atomic_write_json
 from clipcap.generation import DecodingConfig
 from clipcap.metrics.caption_metrics import ClipCaptionScores, NLGScores
 from clipcap.metrics.report import ReportRow, write_report
@@ -246,8 +244,8 @@ class CaptionEvaluation(pl.Callback):
     ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         predictions = [{"image_id": state.image_ids[i], "caption": captions[i]} for i in sorted(captions)]
-        _write_json(folder / "predictions.json", predictions)
-        _write_json(
+        atomic_write_json(folder / "predictions.json", predictions, indent=1)
+        atomic_write_json(
             folder / "metrics.json",
             {
                 "stage": stage,
@@ -256,6 +254,7 @@ class CaptionEvaluation(pl.Callback):
                 "decoding": vars(self.decoding[stage]),
                 "metrics": self.last_metrics,
             },
+            indent=1,
         )
         written = [folder / "predictions.json", folder / "metrics.json"]
         if stage == "test" or self.report_at_validation:
@@ -278,13 +277,6 @@ class CaptionEvaluation(pl.Callback):
         """``output_dir`` or the run's log folder, then ``<stage>`` (``val/epoch=N`` at validation)."""
         root = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
         return root / stage if stage == "test" else root / stage / f"epoch={trainer.current_epoch}"
-
-
-def _write_json(path: Path, content: Any) -> None:
-    """Writes JSON atomically (a temporary file, then a rename): a crash never leaves half a file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def score_captions(

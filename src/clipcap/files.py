@@ -1,0 +1,56 @@
+"""Atomic file writes: a temporary file in the same folder, flushed to disk, then renamed over the target.
+
+A crash or an error while writing never leaves a half-written file under the final name, and a reader
+sees either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically; returns the path."""
+    return _atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Writes UTF-8 ``text`` to ``path`` atomically; returns the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], content: Any, indent: int | None = None) -> Path:
+    """Writes ``content`` as JSON (no NaN, non-ASCII kept) to ``path`` atomically; returns the path.
+
+    The text is serialised before the file is opened, so unserialisable content leaves nothing behind.
+    """
+    text = json.dumps(content, indent=indent, allow_nan=False, ensure_ascii=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
+    """Saves ``array`` as ``.npy`` (never pickled) to ``path`` atomically; returns the path."""
+    contiguous = np.ascontiguousarray(array)
+    return _atomic_write(path, lambda handle: np.save(handle, contiguous, allow_pickle=False))
