@@ -2,5 +2,15 @@
 
 from clipcap.objectives.base import Objective, ObjectiveOutput
 from clipcap.objectives.cross_entropy import CrossEntropy
+from clipcap.objectives.discritune import DiscriTune
+from clipcap.objectives.rewards import Baseline, CumulativeMeanBaseline, MovingAverageBaseline
 
-__all__ = ["CrossEntropy", "Objective", "ObjectiveOutput"]
+__all__ = [
+    "Baseline",
+    "CrossEntropy",
+    "CumulativeMeanBaseline",
+    "DiscriTune",
+    "MovingAverageBaseline",
+    "Objective",
+    "ObjectiveOutput",
+]

@@ -19,10 +19,13 @@ class ObjectiveOutput:
     Attributes:
         loss: the scalar that is optimised.
         terms: named scalars worth logging (detached by the caller before logging).
+        skip: the step must not update the weights (a non-finite reward or log-probability); the module
+            skips the optimizer step, warns and counts it.
     """
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    skip: bool = False
 
 
 class Objective(nn.Module, ABC):
@@ -34,6 +37,10 @@ class Objective(nn.Module, ABC):
 
     needs_captions: bool = True
     """Whether training batches must carry target captions (False for self-supervised objectives)."""
+
+    def setup(self, datamodule: object | None) -> None:
+        """Called once the data is known (``CaptionModule.setup``); objectives that need the data's CLIP
+        load it here. The default does nothing."""
 
     @abstractmethod
     def forward(self, captioner: ClipCaptioner, batch: CaptionBatch) -> ObjectiveOutput:

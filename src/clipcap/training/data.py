@@ -297,8 +297,16 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train = self.split("train")
-        dataset = CaptionImages(train) if self.unlabelled else CaptionPairs(train)
+        # An objective that needs no references (DiscriTune, Gumbel-CLIP) trains on each image once per
+        # epoch: pairs would repeat an image inside a batch, where it would be its own distractor.
+        module = self.trainer.lightning_module if self._trainer_attached() else None
+        needs_captions = getattr(getattr(module, "objective", None), "needs_captions", True)
+        images_only = self.unlabelled or not needs_captions
+        dataset = CaptionImages(train) if images_only else CaptionPairs(train)
         return self._loader(dataset, self.batch_size, shuffle=True)
+
+    def _trainer_attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None and self.trainer.lightning_module is not None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(CaptionImages(self.split("val")), self.eval_batch_size, shuffle=False)

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_warn
 
 from clipcap.captioner import ClipCaptioner
 from clipcap.data.batch import CaptionBatch
@@ -32,6 +33,9 @@ class CaptionModule(pl.LightningModule):
         optimizer: builds the optimizer from the trainable parameters (AdamW, lr 2e-5 by default).
         lr_scheduler: optional, builds a scheduler from the optimizer.
         decoding: how captions are decoded by ``predict`` and by callbacks that do not set their own.
+        init_from: a checkpoint whose captioner weights (mapper, trained LM weights) start this run, without
+            its optimizer, objective state or step count: how DiscriTune starts from a cross-entropy model.
+            (To resume a run, use ``--ckpt_path`` instead.)
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class CaptionModule(pl.LightningModule):
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         decoding: DecodingConfig | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         # Under the CLI the hyperparameters are the parsed config (class paths and init args), from which
@@ -55,9 +60,40 @@ class CaptionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.decoding = decoding or DecodingConfig()
+        self.init_from = init_from
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        if init_from is not None:
+            self._load_captioner_weights(init_from)
+
+    def _load_captioner_weights(self, path: str) -> None:
+        """Copies the captioner's weights from a checkpoint; every weight it trained must be there.
+
+        A checkpoint whose LM was frozen does not store it: the LM then keeps the pretrained weights
+        loaded at construction, which are the ones that checkpoint was trained with.
+        """
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model.init_from: checkpoint {path} does not exist") from None
+        prefix = "captioner."
+        weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        try:
+            missing, unexpected = self.captioner.load_state_dict(weights, strict=False)
+        except RuntimeError as error:  # shapes differ: another mapper or LM size
+            raise ValueError(
+                f"model.init_from={path}: its captioner does not match this one: {error}"
+            ) from None
+        if checkpoint.get("clipcap_frozen_lm"):
+            missing = [key for key in missing if not key.startswith("lm.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"model.init_from={path}: its captioner does not match this one "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.objective.setup(datamodule)
         feature_dim = getattr(datamodule, "clip_dim", None)
         if feature_dim is not None and feature_dim != self.captioner.clip_dim:
             raise ValueError(
@@ -66,10 +102,22 @@ class CaptionModule(pl.LightningModule):
                 f"{feature_dim} or use features from the CLIP model the checkpoint was trained with"
             )
 
-    def _shared_step(self, batch: CaptionBatch, stage: str) -> torch.Tensor:
-        if stage != "train" and batch.references:
+    def _shared_step(self, batch: CaptionBatch, stage: str) -> torch.Tensor | None:
+        # Supervised objectives are validated on every (image, reference) pair; the others see each image
+        # once, as they train.
+        if stage != "train" and batch.references and self.objective.needs_captions:
             batch = batch.with_every_reference()
         output = self.objective(self.captioner, batch)
+        if output.skip or not torch.isfinite(output.loss):
+            self.skipped_steps += 1
+            rank_zero_warn(
+                f"{stage} step {self.global_step}: non-finite loss or reward; no update from this batch "
+                f"({int(self.skipped_steps)} skipped so far)"
+            )
+            self.log(
+                f"{stage}/skipped_steps", self.skipped_steps.float(), on_step=True, batch_size=len(batch)
+            )
+            return None
         on_step = stage == "train"
         self.log(
             f"{stage}/loss",
@@ -91,13 +139,13 @@ class CaptionModule(pl.LightningModule):
             )
         return output.loss
 
-    def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor | None:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor | None:
         return self._shared_step(batch, "val")
 
-    def test_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor | None:
         return self._shared_step(batch, "test")
 
     def predict_step(self, batch: CaptionBatch, batch_idx: int) -> list[dict[str, Any]]:
@@ -127,9 +175,13 @@ class CaptionModule(pl.LightningModule):
         checkpoint["clipcap_frozen_lm"] = self.captioner.lm.pretrained if frozen else None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the skipped-step counters existed still load.
+        own = self.state_dict()
+        for key, value in own.items():
+            if key.endswith("skipped_steps"):
+                checkpoint["state_dict"].setdefault(key, torch.zeros_like(value))
         # The frozen LM was loaded from its pretrained source when the module was built; put its weights
         # back into the state dict so strict loading still catches every other missing key.
         if checkpoint.get("clipcap_frozen_lm"):
-            own = self.state_dict()
             for key in self._frozen_keys():
                 checkpoint["state_dict"].setdefault(key, own[key])

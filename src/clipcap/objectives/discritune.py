@@ -1,0 +1,188 @@
+"""DiscriTune (Dessì et al., CVPR 2023): REINFORCE with a frozen CLIP retriever's reward.
+
+Each step captions the batch's images (greedy by default), lets the frozen CLIP score every caption
+against every image of the batch, and rewards a caption with the log-probability that CLIP picks its own
+image. The loss is ``(−R − b) · log π(c)`` per caption, ``b`` the cumulative mean of past batch-mean
+losses, ``log π`` the caption's token log-probability up to and excluding the stop, divided by its length.
+
+Legend for shapes: B images (and captions) in the batch, D CLIP embedding size, T caption tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from clipcap.captioner import CaptionTokens, ClipCaptioner
+from clipcap.data.batch import CaptionBatch
+from clipcap.generation import DecodingConfig
+from clipcap.objectives.base import Objective, ObjectiveOutput
+from clipcap.objectives.rewards import (
+    Baseline,
+    CumulativeMeanBaseline,
+    caption_log_probs,
+    cosine_reward,
+    discriminative_reward,
+    reinforce_loss,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class DiscriTune(Objective):
+    """REINFORCE with a frozen CLIP retriever: captions are rewarded for picking out their image.
+
+    The faithful settings are the defaults: greedy rollout, stop at EOS or after the first token holding
+    ".", the discriminative reward among the in-batch images, the cumulative-mean baseline. The receiver
+    is the CLIP the data's features come from (``data.init_args.clip_model``), so the batch's cached
+    features are its image embeddings.
+
+    Args:
+        rollout: how training captions are decoded (greedy, 20 new tokens, stop after "." by default;
+            ``do_sample: true`` samples instead).
+        baseline: the baseline of the loss −R (``CumulativeMeanBaseline`` by default; also
+            ``MovingAverageBaseline``).
+        discriminative: reward ``log softmax`` over the in-batch images (True) or the plain CLIP cosine of
+            the caption with its image (False, the paper's appendix comparison).
+        receiver_clip: the CLIP that reads the captions; the data's ``clip_model`` when None. It must be
+            the CLIP of the cached features, whose image embeddings the batch carries.
+    """
+
+    needs_captions = False
+
+    def __init__(
+        self,
+        rollout: DecodingConfig | None = None,
+        baseline: Baseline | None = None,
+        discriminative: bool = True,
+        receiver_clip: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.rollout = rollout or DecodingConfig(max_new_tokens=20, stop_at_period=True)
+        if self.rollout.num_return_sequences != 1:
+            raise ValueError("DiscriTune: rollout.num_return_sequences must be 1 (one caption per image)")
+        self.baseline = baseline if baseline is not None else CumulativeMeanBaseline()
+        self.discriminative = discriminative
+        self.receiver_clip = receiver_clip
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+
+    # The receiver is frozen and large: it is kept out of the module tree so that checkpoints do not carry
+    # a copy of it and optimizers never see it.
+    @property
+    def receiver(self):
+        receiver = self.__dict__.get("_receiver")
+        if receiver is None:
+            raise RuntimeError(
+                "DiscriTune has no receiver CLIP yet: it is loaded in setup() from receiver_clip or the "
+                "data's clip_model (set data.init_args.clip_model or model.objective.init_args.receiver_clip)"
+            )
+        return receiver
+
+    def set_receiver(self, encoder) -> None:
+        """Uses ``encoder`` (a ``ClipEncoder``) as the receiver, e.g. one already loaded."""
+        self.__dict__["_receiver"] = encoder
+
+    def setup(self, datamodule: object | None) -> None:
+        if self.__dict__.get("_receiver") is not None:
+            return
+        data_clip = getattr(datamodule, "clip_model", None)
+        name = self.receiver_clip or data_clip
+        if name is None:
+            raise ValueError(
+                "DiscriTune needs the receiver CLIP: set data.init_args.clip_model (the CLIP of the cached "
+                "features) or model.objective.init_args.receiver_clip"
+            )
+        if data_clip is not None and self.receiver_clip is not None and self.receiver_clip != data_clip:
+            raise ValueError(
+                f"DiscriTune: receiver_clip={self.receiver_clip!r} differs from the features' CLIP "
+                f"{data_clip!r}; the batch's image embeddings must come from the receiver"
+            )
+        from clipcap.clip.encoder import ClipEncoder
+
+        self.set_receiver(ClipEncoder(name))
+
+    def forward(self, captioner: ClipCaptioner, batch: CaptionBatch) -> ObjectiveOutput:
+        features = batch.clip_features
+        if features.dim() != 2:
+            raise ValueError("DiscriTune reads pooled CLIP features (B, D); grid features are not its input")
+        receiver = self.receiver
+        if receiver.device != features.device:
+            receiver.to(features.device)
+        if features.shape[-1] != receiver.dim:
+            raise ValueError(
+                f"DiscriTune: the batch's features have size {features.shape[-1]} but the receiver CLIP "
+                f"embeds in {receiver.dim}: they must come from the same CLIP"
+            )
+
+        # 1. Rollout (no gradient), cut after the stop; EOS dropped, a "." kept as caption text.
+        caption_ids = captioner.generate_ids(features, self.rollout)
+        texts = [
+            text.strip() for text in captioner.tokenizer.batch_decode(caption_ids, skip_special_tokens=True)
+        ]
+
+        # 2. The receiver scores every caption against every image of the batch.
+        with torch.no_grad():
+            text_embeds = receiver.encode_text(texts)
+            targets = torch.arange(len(texts), device=features.device)
+            if self.discriminative:
+                rewards = discriminative_reward(text_embeds, features, targets, receiver.logit_scale)
+            else:
+                rewards = cosine_reward(text_embeds, features, targets)
+            picked = (text_embeds @ torch.nn.functional.normalize(features.float(), dim=-1).T).argmax(
+                1
+            ) == targets
+
+        # 3. log π of the same captions, with gradient: one teacher-forced pass.
+        tokens, lengths = self._caption_tokens(captioner, caption_ids)
+        logits = captioner(features, tokens).logits
+        log_probs = caption_log_probs(logits, tokens.input_ids, lengths)
+
+        if not (torch.isfinite(rewards).all() and torch.isfinite(log_probs).all()):
+            self.skipped_steps += 1
+            logger.warning(
+                "DiscriTune: non-finite reward or log-probability; this step's update is skipped "
+                "(%d skipped so far)",
+                int(self.skipped_steps),
+            )
+            zero = log_probs.sum() * 0.0 if torch.isfinite(log_probs).all() else features.new_zeros(())
+            return ObjectiveOutput(loss=zero, terms={"skipped_steps": self.skipped_steps.float()}, skip=True)
+
+        losses = -rewards
+        baseline = self.baseline(losses)
+        loss = reinforce_loss(rewards, baseline, log_probs).mean()
+        if self.training:
+            self.baseline.update(losses)
+        return ObjectiveOutput(
+            loss=loss,
+            terms={
+                "reward": rewards.mean(),
+                "baseline": baseline.mean(),
+                "log_prob": log_probs.detach().mean(),
+                "caption_tokens": lengths.float().mean(),
+                "batch_p_at_1": picked.float().mean(),
+            },
+        )
+
+    @staticmethod
+    def _caption_tokens(
+        captioner: ClipCaptioner, caption_ids: list[list[int]]
+    ) -> tuple[CaptionTokens, torch.Tensor]:
+        """The rollout's captions as teacher-forcing input, and their lengths (tokens before the stop).
+
+        A caption that stopped at once is given its EOS as its only token (length 0), so that its
+        log-probability, and the gradient pushing it up or down, still exist.
+        """
+        eos, pad = captioner.lm.eos_token_id, captioner.lm.pad_token_id
+        rows = [ids if ids else [eos] for ids in caption_ids]
+        lengths = torch.tensor([len(ids) for ids in caption_ids], dtype=torch.long)
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, : len(row)] = torch.tensor(row)
+            attention_mask[index, : len(row)] = 1
+        device = captioner.device
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        tokens = CaptionTokens(input_ids.to(device), attention_mask.to(device), labels.to(device))
+        return tokens, lengths.to(device)

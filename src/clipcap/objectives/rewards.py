@@ -1,0 +1,140 @@
+"""Reward, log-probability and baseline maths of the REINFORCE objectives, as plain functions and modules.
+
+Legend for shapes: B captions in the batch, N candidate images (the target and its distractors), D CLIP
+embedding size, T caption tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def discriminative_reward(
+    text_embeds: torch.Tensor, image_embeds: torch.Tensor, targets: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
+    """DiscriTune's reward: the log-probability that CLIP retrieves each caption's own image.
+
+    ``R_i = log softmax_j(s(c_i, x_j))[target_i]`` with ``s`` = ``logit_scale`` × the cosine of the
+    L2-normalised embeddings (Dessì et al. 2023). Computed in float32.
+
+    Args:
+        text_embeds: (B, D) CLIP text embeddings of the captions.
+        image_embeds: (N, D) CLIP image embeddings of the candidates (targets and distractors).
+        targets: (B,) index into ``image_embeds`` of each caption's own image.
+        logit_scale: CLIP's learned temperature (100 for openai's models).
+
+    Returns:
+        (B,) rewards, ≤ 0.
+    """
+    scores = (
+        logit_scale * F.normalize(text_embeds.float(), dim=-1) @ F.normalize(image_embeds.float(), dim=-1).T
+    )
+    return scores.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def cosine_reward(
+    text_embeds: torch.Tensor, image_embeds: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """The non-discriminative alternative (the paper's appendix): CLIP cosine of each caption with its image.
+
+    Args:
+        text_embeds: (B, D) caption embeddings.
+        image_embeds: (N, D) image embeddings.
+        targets: (B,) index of each caption's image.
+
+    Returns:
+        (B,) cosines in [-1, 1].
+    """
+    images = F.normalize(image_embeds.float(), dim=-1)[targets]
+    return (F.normalize(text_embeds.float(), dim=-1) * images).sum(-1)
+
+
+def caption_log_probs(logits: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Length-normalised log-probability of each caption, the stop excluded (DiscriTune's log π).
+
+    Args:
+        logits: (B, T, V) next-token logits; ``logits[:, t]`` predicts ``token_ids[:, t]``.
+        token_ids: (B, T) the caption tokens, the stop token at position ``lengths[b]`` where present.
+        lengths: (B,) caption tokens before the stop (0 for a caption that stopped at once).
+
+    Returns:
+        (B,) mean token log-probability over the first ``lengths[b]`` tokens. A caption with no token
+        before its stop gets its stop token's log-probability instead, so that it still has a gradient.
+    """
+    token_log_probs = logits.float().log_softmax(-1).gather(2, token_ids[:, :, None]).squeeze(2)
+    positions = torch.arange(token_ids.shape[1], device=token_ids.device)[None, :]
+    empty = lengths == 0
+    # An empty caption is scored on its stop token (position 0).
+    counted = torch.where(empty[:, None], positions == 0, positions < lengths[:, None])
+    total = (token_log_probs * counted).sum(1)
+    return total / counted.sum(1).clamp(min=1)
+
+
+def reinforce_loss(rewards: torch.Tensor, baseline: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-sample REINFORCE loss ``(−R − b) · log π`` as DiscriTune writes it, b the baseline of −R.
+
+    Minimising it raises ``log π`` where the reward beats the baseline (−R < b) and lowers it elsewhere.
+
+    Args:
+        rewards: (B,) rewards (no gradient).
+        baseline: scalar or (B,) baseline of the loss −R (no gradient).
+        log_probs: (B,) log π of each caption (with gradient).
+
+    Returns:
+        (B,) losses; their mean is what is optimised.
+    """
+    return (-rewards.detach() - baseline.detach()) * log_probs
+
+
+class Baseline(nn.Module):
+    """A baseline of the per-sample loss −R; its state lives in buffers, so checkpoints keep it."""
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        """The baseline to subtract from ``losses`` (B,), computed before this batch is seen."""
+        raise NotImplementedError
+
+    def update(self, losses: torch.Tensor) -> None:
+        """Takes this batch's losses (B,) into account for the next batches."""
+
+
+class CumulativeMeanBaseline(Baseline):
+    """The mean of all past batch-mean losses (DiscriTune's, from EGG's ``MeanBaseline``); 0 at first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        return self.mean.to(losses.dtype).expand_as(losses)
+
+    def update(self, losses: torch.Tensor) -> None:
+        self.count += 1
+        self.mean += (losses.detach().double().mean() - self.mean) / self.count
+
+
+class MovingAverageBaseline(Baseline):
+    """An exponential moving average of batch-mean losses (``decay`` weight on the past); 0 at first.
+
+    Args:
+        decay: weight of the previous value, in [0, 1).
+    """
+
+    def __init__(self, decay: float = 0.99) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"MovingAverageBaseline: decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.register_buffer("value", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        return self.value.to(losses.dtype).expand_as(losses)
+
+    def update(self, losses: torch.Tensor) -> None:
+        mean = losses.detach().double().mean()
+        # The first batch sets the average instead of being shrunk towards 0.
+        self.value.copy_(mean if self.count == 0 else self.decay * self.value + (1 - self.decay) * mean)
+        self.count += 1

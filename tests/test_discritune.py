@@ -1,0 +1,210 @@
+"""DiscriTune: reward, log-probability and baseline maths by hand, gradient direction, the objective on
+the tiny world, skipped non-finite steps, and the baseline in checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipcap.captioner import ClipCaptioner
+from clipcap.cli import lightning_cli
+from clipcap.data.batch import collate_caption_batch
+from clipcap.lm import PrefixLM
+from clipcap.mapper import MLPMapper
+from clipcap.objectives import CumulativeMeanBaseline, DiscriTune, MovingAverageBaseline
+from clipcap.objectives.rewards import caption_log_probs, cosine_reward, discriminative_reward, reinforce_loss
+from clipcap.training import CaptionModule, SyntheticCaptions
+from clipcap.training.data import CaptionImages
+
+REPO = Path(__file__).resolve().parents[1]
+CE_CONFIG = str(REPO / "lightning_configs" / "synthetic" / "ce.yaml")
+DT_CONFIG = str(REPO / "lightning_configs" / "synthetic" / "discritune.yaml")
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+
+
+def test_discriminative_reward_by_hand() -> None:
+    texts = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # norms differ: the reward uses cosines
+    images = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    targets = torch.tensor([0, 2])
+    scale = 10.0
+    cos = [[1.0, 1 / math.sqrt(2), 0.0], [0.0, 1 / math.sqrt(2), 1.0]]
+    expected = []
+    for row, target in zip(cos, targets.tolist(), strict=True):
+        logits = [scale * value for value in row]
+        expected.append(logits[target] - math.log(sum(math.exp(v) for v in logits)))
+    rewards = discriminative_reward(texts, images, targets, scale)
+    torch.testing.assert_close(rewards, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cosine_reward(texts, images, targets), torch.tensor([1.0, 1.0]))
+
+
+def test_reinforce_loss_and_baselines_by_hand() -> None:
+    rewards = torch.tensor([-0.5, -2.0])
+    log_probs = torch.tensor([-1.0, -3.0])
+    baseline = CumulativeMeanBaseline()
+    losses = -rewards
+    first = baseline(losses)
+    torch.testing.assert_close(first, torch.zeros(2))  # no past batch yet
+    torch.testing.assert_close(
+        reinforce_loss(rewards, first, log_probs), torch.tensor([0.5 * -1.0, 2.0 * -3.0])
+    )
+    baseline.update(losses)  # batch mean loss 1.25
+    baseline.update(torch.tensor([0.25, 0.25]))
+    assert baseline(losses)[0].item() == pytest.approx((1.25 + 0.25) / 2)
+    b = (1.25 + 0.25) / 2
+    torch.testing.assert_close(
+        reinforce_loss(rewards, baseline(losses), log_probs),
+        torch.tensor([(0.5 - b) * -1.0, (2.0 - b) * -3.0]),
+    )
+    average = MovingAverageBaseline(decay=0.5)
+    average.update(torch.tensor([2.0]))
+    average.update(torch.tensor([4.0]))
+    assert average(torch.zeros(1)).item() == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
+
+
+def test_caption_log_probs_exclude_the_stop_and_divide_by_length() -> None:
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]] * 2))
+    tokens = torch.tensor([[0, 1, 2], [2, 0, 0]])
+    lengths = torch.tensor([2, 0])  # caption 0: tokens 0, 1 then the stop; caption 1 stopped at once
+    values = caption_log_probs(logits, tokens, lengths)
+    torch.testing.assert_close(values[0], torch.tensor((math.log(0.5) + math.log(0.8)) / 2))
+    torch.testing.assert_close(values[1], torch.tensor(math.log(0.25)))  # the stop token's own
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_the_gradient_follows_the_advantage(advantage: float, tiny_world: Path) -> None:
+    torch.manual_seed(0)
+    captioner = ClipCaptioner(
+        PrefixLM("synthetic:lm", trainable=True), functools.partial(MLPMapper, prefix_length=4), clip_dim=8
+    )
+    features = torch.randn(2, 8)
+    tokens, lengths = DiscriTune._caption_tokens(captioner, [[5, 9, 12], [7]])
+    optimizer = torch.optim.SGD(captioner.parameters(), lr=0.05)
+
+    def log_pi() -> torch.Tensor:
+        return caption_log_probs(captioner(features, tokens).logits, tokens.input_ids, lengths)
+
+    before = log_pi().detach()
+    rewards = torch.full((2,), advantage)  # −R − b = −advantage with b = 0
+    loss = reinforce_loss(rewards, torch.zeros(()), log_pi()).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    after = log_pi().detach()
+    assert ((after - before) * advantage > 0).all(), (before, after)
+
+
+@pytest.fixture(scope="module")
+def world_batch(tiny_world: Path):
+    datamodule = SyntheticCaptions(world_dir=str(tiny_world), clip_model="synthetic:clip")
+    images = CaptionImages(datamodule.split("train"))
+    return datamodule, collate_caption_batch([images[i] for i in range(8)])
+
+
+def test_objective_on_the_tiny_world(world_batch) -> None:
+    datamodule, batch = world_batch
+    torch.manual_seed(0)
+    captioner = ClipCaptioner(
+        PrefixLM("synthetic:lm", trainable=True),
+        functools.partial(MLPMapper, prefix_length=4),
+        clip_dim=datamodule.clip_dim,
+    )
+    objective = DiscriTune()
+    objective.setup(datamodule)
+    output = objective(captioner, batch)
+    assert torch.isfinite(output.loss) and output.loss.requires_grad
+    assert output.terms["reward"] <= 0 and 0 <= output.terms["batch_p_at_1"] <= 1
+    assert output.terms["baseline"] == 0  # the first batch sees no past
+    assert int(objective.baseline.count) == 1
+    objective.eval()
+    objective(captioner, batch)
+    assert int(objective.baseline.count) == 1, "validation must not move the baseline"
+    assert "receiver" not in dict(objective.named_modules()) and not any(
+        "receiver" in key or "text_model" in key for key in objective.state_dict()
+    ), "the frozen receiver must not be saved with the objective"
+
+
+def test_non_finite_rewards_skip_the_step(world_batch, monkeypatch: pytest.MonkeyPatch) -> None:
+    datamodule, batch = world_batch
+    captioner = ClipCaptioner(
+        PrefixLM("synthetic:lm", trainable=True),
+        functools.partial(MLPMapper, prefix_length=4),
+        clip_dim=datamodule.clip_dim,
+    )
+    objective = DiscriTune()
+    objective.setup(datamodule)
+    monkeypatch.setattr(
+        objective.receiver,
+        "encode_text",
+        lambda texts: torch.full((len(texts), datamodule.clip_dim), float("nan")),
+    )
+    output = objective(captioner, batch)
+    assert output.skip and int(objective.skipped_steps) == 1
+    assert int(objective.baseline.count) == 0, "a skipped step must not move the baseline"
+
+
+@pytest.fixture(scope="module")
+def ce_run(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A cross-entropy run of a few steps on the tiny world: (its CLI, its last checkpoint)."""
+    cli = lightning_cli(
+        ["fit", "--config", CE_CONFIG, "--trainer.default_root_dir", str(tmp_path_factory.mktemp("ce")),
+         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", *QUIET]
+    )  # fmt: skip
+    return cli, cli.trainer.checkpoint_callback.last_model_path
+
+
+def test_the_discritune_config_starts_from_a_cross_entropy_checkpoint(ce_run, tmp_path: Path) -> None:
+    _, ce_checkpoint = ce_run
+    cli = lightning_cli(
+        ["fit", "--config", DT_CONFIG, f"--model.init_from={ce_checkpoint}", "--trainer.fast_dev_run=true",
+         "--trainer.default_root_dir", str(tmp_path), "--data.init_args.batch_size=8", *QUIET]
+    )  # fmt: skip
+    assert cli.trainer.state.finished and isinstance(cli.model.objective, DiscriTune)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/reward"])
+
+
+def test_switching_a_cross_entropy_config_to_discritune(ce_run, tmp_path: Path) -> None:
+    _, ce_checkpoint = ce_run
+    cli = lightning_cli(
+        ["fit", "--config", CE_CONFIG, "--model.objective=DiscriTune", f"--model.init_from={ce_checkpoint}",
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs=1",
+         "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--data.init_args.batch_size=8", *QUIET]
+    )  # fmt: skip
+    objective = cli.model.objective
+    assert isinstance(objective, DiscriTune) and int(objective.baseline.count) == 3
+    assert len(cli.trainer.train_dataloader.dataset) == len(cli.datamodule.split("train").images)  # images
+    path = cli.trainer.checkpoint_callback.last_model_path
+    reloaded = CaptionModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    assert isinstance(reloaded.objective, DiscriTune)
+    assert int(reloaded.objective.baseline.count) == 3
+    assert reloaded.objective.baseline.mean.item() == pytest.approx(objective.baseline.mean.item())
+    assert reloaded.objective.baseline.mean.item() > 0  # −R > 0: rewards are log-probabilities
+
+
+def test_init_from_copies_the_captioner_only(ce_run) -> None:
+    ce, path = ce_run
+    module = CaptionModule(
+        ClipCaptioner(
+            PrefixLM("synthetic:lm", trainable=True),
+            functools.partial(MLPMapper, prefix_length=8),
+            clip_dim=ce.model.captioner.clip_dim,
+        ),
+        DiscriTune(),
+        init_from=path,
+    )
+    trained = ce.model.captioner.state_dict()
+    for key, value in module.captioner.state_dict().items():
+        torch.testing.assert_close(value, trained[key].cpu(), msg=key)
+    with pytest.raises(ValueError, match="init_from"):
+        CaptionModule(
+            ClipCaptioner(
+                PrefixLM("synthetic:lm", trainable=True),
+                functools.partial(MLPMapper, prefix_length=3),
+                clip_dim=ce.model.captioner.clip_dim,
+            ),
+            DiscriTune(),
+            init_from=path,
+        )
