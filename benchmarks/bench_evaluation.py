@@ -57,7 +57,7 @@ def timed(what: str, rows: list[tuple[str, float]], fn: Callable[[], Any]) -> An
 
 
 def default_checkpoint() -> Path:
-    found = sorted(Path("runs/demo").rglob("best.ckpt"), key=lambda path: path.stat().st_mtime)
+    found = sorted(Path("runs/demo/ce").rglob("best.ckpt"), key=lambda path: path.stat().st_mtime)
     if not found:
         raise SystemExit("no checkpoint: run `make demo` first or pass --ckpt")
     return found[-1]

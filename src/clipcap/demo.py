@@ -1,9 +1,9 @@
 """``clipcap demo``: the main job, end to end, on the embedded synthetic world.
 
-Builds the world if it is absent, trains a captioner with the given config (cross-entropy by default),
-tests the best checkpoint with ``CaptionEvaluation`` (beam 5: BLEU, METEOR, ROUGE-L, CIDEr, CLIPScore,
-RefCLIPScore, RefCompare, retrieval P@1, and ``report.html``), and prints the metrics next to a trivial
-baseline (the most frequent training caption for every image), plus a few samples.
+Builds the world if it is absent, trains a captioner with cross-entropy, fine-tunes it with DiscriTune,
+tests both best checkpoints with ``CaptionEvaluation`` (beam 5: BLEU, METEOR, ROUGE-L, CIDEr, CLIPScore,
+RefCLIPScore, RefCompare, retrieval P@1, and a ``report.html`` each), and prints the metrics side by side
+with a trivial baseline (the most frequent training caption for every image), plus a few samples.
 """
 
 from __future__ import annotations
@@ -52,46 +52,53 @@ def format_table(rows: dict[str, dict[str, float]], columns: tuple[str, ...] = T
     return "\n".join(lines)
 
 
+def fit_and_test(config: str, root: str, *options: str) -> tuple[object, CaptionEvaluation, str]:
+    """Trains with ``config``, then tests its best checkpoint with the config's ``CaptionEvaluation``.
+
+    Returns:
+        The LightningCLI (trainer, model, datamodule), the evaluation callback, and the best checkpoint.
+    """
+    from clipcap.cli import lightning_cli
+
+    cli = lightning_cli(["fit", "--config", config, "--trainer.default_root_dir", root, *options])
+    best = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
+    evaluation = next((c for c in cli.trainer.callbacks if isinstance(c, CaptionEvaluation)), None)
+    if evaluation is None:
+        raise SystemExit(f"[demo] {config} has no CaptionEvaluation callback to test with")
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
+    return cli, evaluation, best
+
+
+def read_predictions(folder: Path) -> dict[str, str]:
+    return {row["image_id"]: row["caption"] for row in json.loads((folder / "predictions.json").read_text())}
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(prog="clipcap demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="lightning_configs/synthetic/ce.yaml", help="the training config")
+    parser.add_argument(
+        "--config", default="lightning_configs/synthetic/ce.yaml", help="cross-entropy config"
+    )
+    parser.add_argument(
+        "--discritune_config",
+        default="lightning_configs/synthetic/discritune.yaml",
+        help="DiscriTune config, started from the cross-entropy model; '' skips the stage",
+    )
     parser.add_argument("--out", default="runs/demo", help="run folder (logs, checkpoints, results)")
     parser.add_argument("--samples", type=int, default=6, help="image → caption samples to print")
-    parser.add_argument(
-        "overrides", nargs="*", help="extra LightningCLI options, e.g. --trainer.max_epochs=2"
-    )
+    parser.add_argument("overrides", nargs="*", help="extra LightningCLI options for the cross-entropy stage")
     args, extra = parser.parse_known_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-    from clipcap.cli import lightning_cli
     from clipcap.synthetic.world import ensure_world
 
     started = time.perf_counter()
     world = ensure_world()
     print(f"[demo] synthetic world ready at {world} ({time.perf_counter() - started:.0f}s)")
 
-    fit_args = [
-        "fit",
-        "--config",
-        args.config,
-        "--trainer.default_root_dir",
-        args.out,
-        *args.overrides,
-        *extra,
-    ]
-    cli = lightning_cli(fit_args)
-    best = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
-    print(f"[demo] trained in {time.perf_counter() - started:.0f}s; testing {best}")
-    evaluation = next((c for c in cli.trainer.callbacks if isinstance(c, CaptionEvaluation)), None)
-    if evaluation is None:
-        raise SystemExit(f"[demo] {args.config} has no CaptionEvaluation callback to test with")
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
+    out = Path(args.out)
+    cli, evaluation, best = fit_and_test(args.config, str(out / "ce"), *args.overrides, *extra)
+    print(f"[demo] cross-entropy trained and tested in {time.perf_counter() - started:.0f}s ({best})")
     datamodule = cli.datamodule
-    folder = evaluation.output_folder(cli.trainer, "test")
-    predictions = {
-        row["image_id"]: row["caption"] for row in json.loads((folder / "predictions.json").read_text())
-    }
-
     test_images = datamodule.split("test").images
     baseline_caption = most_frequent_caption(datamodule)
     baseline = score_captions(
@@ -99,24 +106,37 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     )
     rows = {
         f"baseline: always {baseline_caption!r}": baseline,
-        "clipcap (cross-entropy)": evaluation.last_metrics,
+        "clipcap (cross-entropy)": dict(evaluation.last_metrics),
     }
+    predictions = {"cross-entropy": read_predictions(evaluation.output_folder(cli.trainer, "test"))}
+    reports = {"cross-entropy": str(evaluation.output_folder(cli.trainer, "test") / "report.html")}
+
+    if args.discritune_config:
+        dt_cli, dt_evaluation, dt_best = fit_and_test(
+            args.discritune_config, str(out / "discritune"), f"--model.init_from={best}"
+        )
+        print(f"[demo] DiscriTune trained and tested in {time.perf_counter() - started:.0f}s ({dt_best})")
+        rows["clipcap (cross-entropy, then DiscriTune)"] = dict(dt_evaluation.last_metrics)
+        folder = dt_evaluation.output_folder(dt_cli.trainer, "test")
+        predictions["DiscriTune"] = read_predictions(folder)
+        reports["DiscriTune"] = str(folder / "report.html")
+
     print(
         f"\n[demo] test split, {len(test_images)} images, beam {evaluation.decoding['test'].num_beams}\n"
         + format_table(rows)
     )
-    print("\n[demo] samples (generated | first reference):")
+    print("\n[demo] samples (" + " | ".join([*predictions, "first reference"]) + "):")
     for entry in test_images[: args.samples]:
-        print(f"  {entry.image_id}: {predictions[entry.image_id]!r} | {entry.references[0]!r}")
-    out = Path(args.out)
+        captions = " | ".join(repr(by_id[entry.image_id]) for by_id in predictions.values())
+        print(f"  {entry.image_id}: {captions} | {entry.references[0]!r}")
     out.mkdir(parents=True, exist_ok=True)
     results = {
         "checkpoint": best,
         "scores": rows,
-        "report": str(folder / "report.html"),
+        "reports": reports,
         "seconds": time.perf_counter() - started,
     }
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n[demo] report: {folder / 'report.html'}")
+    print("\n[demo] reports: " + ", ".join(reports.values()))
     print(f"[demo] done in {time.perf_counter() - started:.0f}s; results in {out / 'demo_results.json'}")
     return rows
