@@ -31,8 +31,8 @@ test-full: $(STAMP) ## every CPU test, the slow tier included
 	$(VENV)/bin/pytest -q -m 'not gpu'
 
 lint: $(STAMP) ## ruff lint and format check
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 
 bench: $(STAMP) ## speed benchmarks (prints figures; see docs/benchmarks.md)
 	$(PYTHON) benchmarks/bench_captioner.py

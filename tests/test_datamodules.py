@@ -382,6 +382,18 @@ def test_coco_config_trains_on_the_fixture(corpora, tmp_path: Path) -> None:
     assert cli.model.captioner.prefix_length == 10
 
 
+def test_coco_discritune_config_trains_on_the_fixture(corpora, tmp_path: Path) -> None:
+    cli = lightning_cli(
+        ["fit", "--config", str(REPO / "lightning_configs/coco/discritune.yaml"), LM_OVERRIDE,
+         *data_overrides(corpora["coco_karpathy"]), *QUICK,
+         "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
+         "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)]
+    )  # fmt: skip
+    assert cli.trainer.state.finished
+    assert type(cli.model.objective).__name__ == "DiscriTune"
+    assert isinstance(cli.model.optimizer_factory(torch.nn.Linear(1, 1).parameters()), torch.optim.Adam)
+
+
 DATA_CONFIGS = sorted((REPO / "lightning_configs" / "data").glob("*.yaml"))
 
 
@@ -400,7 +412,12 @@ def test_data_configs_compose_with_a_training_config(config: Path, corpora, tmp_
 
 
 def test_every_shipped_config_is_exercised() -> None:
-    tested = {SYNTHETIC_CE, REPO / "lightning_configs/coco/ce.yaml", *DATA_CONFIGS}
+    tested = {
+        SYNTHETIC_CE,
+        REPO / "lightning_configs/coco/ce.yaml",
+        REPO / "lightning_configs/coco/discritune.yaml",
+        *DATA_CONFIGS,
+    }
     synthetic = set((REPO / "lightning_configs" / "synthetic").glob("*.yaml"))  # test_training parses these
     assert set((REPO / "lightning_configs").rglob("*.yaml")) <= tested | synthetic
 
