@@ -37,6 +37,7 @@ lint: $(STAMP) ## ruff lint and format check
 bench: $(STAMP) ## speed benchmarks (prints figures; see docs/benchmarks.md)
 	$(PYTHON) benchmarks/bench_captioner.py
 	$(PYTHON) benchmarks/bench_data.py
+	$(PYTHON) benchmarks/bench_discritune.py
 	$(PYTHON) benchmarks/bench_evaluation.py  # needs a trained checkpoint: run `make demo` first
 
 .PHONY: help install demo test test-full lint bench
