@@ -348,6 +348,8 @@ class CocoKarpathy(CaptionDataModule):
         self.annotation_file = annotation_file
         self.image_dir = image_dir
         self.restval_as_train = restval_as_train
+        if not restval_as_train:
+            self.splits_available = ("train", "restval", "val", "test")
 
     def read_split(self, split: str) -> AnnotationSet:
         return read_karpathy(self.annotation_file, self.image_dir, split, self.restval_as_train)
