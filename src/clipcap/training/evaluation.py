@@ -219,8 +219,9 @@ class CaptionEvaluation(pl.Callback):
         metrics = dict(state.nlg.compute())
         if state.clip is not None:
             metrics.update(state.clip.compute())
+        # Every rank holds the same gathered numbers, so each logs them (a checkpoint may monitor them).
         for name, value in metrics.items():
-            pl_module.log(f"{stage}/{name}", float(value), sync_dist=False, rank_zero_only=True)
+            pl_module.log(f"{stage}/{name}", float(value), sync_dist=False)
         self.last_metrics = {name: float(value) for name, value in metrics.items()}
         # Both gather across ranks, so every rank calls them; rank 0 writes.
         captions = state.nlg.captions()
