@@ -47,6 +47,9 @@ class DiscriTune(Objective):
             the caption with its image (False, the paper's appendix comparison).
         receiver_clip: the CLIP that reads the captions; the data's ``clip_model`` when None. It must be
             the CLIP of the cached features, whose image embeddings the batch carries.
+        global_distractors: under DDP, every caption competes against the images of the whole global
+            batch (all ranks' features are gathered) instead of its rank's share; the paper's in-batch
+            setting on one device is the same as this on all devices together.
     """
 
     needs_captions = False
@@ -57,6 +60,7 @@ class DiscriTune(Objective):
         baseline: Baseline | None = None,
         discriminative: bool = True,
         receiver_clip: str | None = None,
+        global_distractors: bool = False,
     ) -> None:
         super().__init__()
         self.rollout = rollout or DecodingConfig(max_new_tokens=20, stop_at_period=True)
@@ -65,6 +69,7 @@ class DiscriTune(Objective):
         self.baseline = baseline if baseline is not None else CumulativeMeanBaseline()
         self.discriminative = discriminative
         self.receiver_clip = receiver_clip
+        self.global_distractors = global_distractors
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
 
     # The receiver is frozen and large: it is kept out of the module tree so that checkpoints do not carry
@@ -124,14 +129,14 @@ class DiscriTune(Objective):
         # 2. The receiver scores every caption against every image of the batch.
         with torch.no_grad():
             text_embeds = receiver.encode_text(texts)
-            targets = torch.arange(len(texts), device=features.device)
+            candidates, offset = self._candidates(features.detach().float())
+            targets = offset + torch.arange(len(texts), device=features.device)
             if self.discriminative:
-                rewards = discriminative_reward(text_embeds, features, targets, receiver.logit_scale)
+                rewards = discriminative_reward(text_embeds, candidates, targets, receiver.logit_scale)
             else:
-                rewards = cosine_reward(text_embeds, features, targets)
-            picked = (text_embeds @ torch.nn.functional.normalize(features.float(), dim=-1).T).argmax(
-                1
-            ) == targets
+                rewards = cosine_reward(text_embeds, candidates, targets)
+            similarities = text_embeds @ torch.nn.functional.normalize(candidates, dim=-1).T
+            picked = similarities.argmax(1) == targets
 
         # 3. log π of the same captions, with gradient: one teacher-forced pass.
         tokens, lengths = self._caption_tokens(captioner, caption_ids)
@@ -161,8 +166,36 @@ class DiscriTune(Objective):
                 "log_prob": log_probs.detach().mean(),
                 "caption_tokens": lengths.float().mean(),
                 "batch_p_at_1": picked.float().mean(),
+                "candidates": torch.tensor(float(len(candidates))),
             },
         )
+
+    def _candidates(self, features: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The images every caption competes against, and where this rank's own images start among them.
+
+        Args:
+            features: (B, D) this rank's image embeddings.
+
+        Returns:
+            (N, D) candidates: ``features`` itself, or with ``global_distractors`` under DDP, every rank's
+            features in rank order (N = the global batch); and the offset of this rank's first image.
+        """
+        import torch.distributed as dist
+
+        if not (self.global_distractors and dist.is_available() and dist.is_initialized()):
+            return features, 0
+        world, rank = dist.get_world_size(), dist.get_rank()
+        # Ranks may hold different batch sizes (the last batch): gather sizes, pad, gather, trim.
+        size = torch.tensor([features.shape[0]], device=features.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        counts = [int(s) for s in sizes]
+        padded = features.new_zeros((max(counts), features.shape[1]))
+        padded[: features.shape[0]] = features
+        gathered = [torch.zeros_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        candidates = torch.cat([block[:count] for block, count in zip(gathered, counts, strict=True)])
+        return candidates, sum(counts[:rank])
 
     @staticmethod
     def _caption_tokens(
