@@ -13,9 +13,16 @@ import torch
 from clipcap.captioner import ClipCaptioner
 from clipcap.cli import lightning_cli
 from clipcap.data.batch import collate_caption_batch
+from clipcap.generation import DecodingConfig
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper
-from clipcap.objectives import CumulativeMeanBaseline, DiscriTune, MovingAverageBaseline
+from clipcap.objectives import (
+    CumulativeMeanBaseline,
+    DiscriTune,
+    LeaveOneOutBaseline,
+    MovingAverageBaseline,
+    SelfCriticalBaseline,
+)
 from clipcap.objectives.rewards import caption_log_probs, cosine_reward, discriminative_reward, reinforce_loss
 from clipcap.training import CaptionModule, SyntheticCaptions
 from clipcap.training.data import CaptionImages
@@ -63,6 +70,21 @@ def test_reinforce_loss_and_baselines_by_hand() -> None:
     average.update(torch.tensor([2.0]))
     average.update(torch.tensor([4.0]))
     assert average(torch.zeros(1)).item() == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
+
+
+def test_leave_one_out_and_self_critical_baselines_by_hand() -> None:
+    losses = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 1.0])  # 2 images × 3 samples, image-major
+    torch.testing.assert_close(
+        LeaveOneOutBaseline(samples=3)(losses), torch.tensor([4.0, 3.5, 1.5, 2.5, 2.5, 4.0])
+    )
+    greedy = torch.tensor([3.0, 3.0, 3.0, 2.0, 2.0, 2.0])
+    torch.testing.assert_close(SelfCriticalBaseline()(losses, greedy), greedy)
+    with pytest.raises(ValueError, match="samples"):
+        LeaveOneOutBaseline(samples=1)
+    with pytest.raises(ValueError, match="do_sample"):
+        DiscriTune(baseline=LeaveOneOutBaseline(samples=2))
+    with pytest.raises(ValueError, match="do_sample"):
+        DiscriTune(baseline=SelfCriticalBaseline())
 
 
 def test_caption_log_probs_exclude_the_stop_and_divide_by_length() -> None:
@@ -125,6 +147,25 @@ def test_objective_on_the_tiny_world(world_batch) -> None:
     assert "receiver" not in dict(objective.named_modules()) and not any(
         "receiver" in key or "text_model" in key for key in objective.state_dict()
     ), "the frozen receiver must not be saved with the objective"
+
+
+@pytest.mark.parametrize("baseline", [LeaveOneOutBaseline(samples=3), SelfCriticalBaseline()])
+def test_sampling_baselines_on_the_tiny_world(baseline, world_batch) -> None:
+    datamodule, batch = world_batch
+    torch.manual_seed(0)
+    captioner = ClipCaptioner(
+        PrefixLM("synthetic:lm", trainable=True),
+        functools.partial(MLPMapper, prefix_length=4),
+        clip_dim=datamodule.clip_dim,
+    )
+    objective = DiscriTune(rollout=DecodingConfig(do_sample=True, max_new_tokens=12), baseline=baseline)
+    objective.setup(datamodule)
+    output = objective(captioner, batch)
+    assert torch.isfinite(output.loss) and output.loss.requires_grad
+    output.loss.backward()
+    assert captioner.mapper.net[0].weight.grad is not None
+    if isinstance(baseline, LeaveOneOutBaseline):
+        assert output.terms["captions"] == 24  # 3 sampled captions for each of the 8 images
 
 
 def test_non_finite_rewards_skip_the_step(world_batch, monkeypatch: pytest.MonkeyPatch) -> None:

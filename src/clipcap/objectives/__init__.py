@@ -3,14 +3,22 @@
 from clipcap.objectives.base import Objective, ObjectiveOutput
 from clipcap.objectives.cross_entropy import CrossEntropy
 from clipcap.objectives.discritune import DiscriTune
-from clipcap.objectives.rewards import Baseline, CumulativeMeanBaseline, MovingAverageBaseline
+from clipcap.objectives.rewards import (
+    Baseline,
+    CumulativeMeanBaseline,
+    LeaveOneOutBaseline,
+    MovingAverageBaseline,
+    SelfCriticalBaseline,
+)
 
 __all__ = [
     "Baseline",
     "CrossEntropy",
     "CumulativeMeanBaseline",
     "DiscriTune",
+    "LeaveOneOutBaseline",
     "MovingAverageBaseline",
     "Objective",
     "ObjectiveOutput",
+    "SelfCriticalBaseline",
 ]

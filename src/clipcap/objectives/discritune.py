@@ -11,6 +11,7 @@ Legend for shapes: B images (and captions) in the batch, D CLIP embedding size, 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -41,8 +42,10 @@ class DiscriTune(Objective):
     Args:
         rollout: how training captions are decoded (greedy, 20 new tokens, stop after "." by default;
             ``do_sample: true`` samples instead).
-        baseline: the baseline of the loss −R (``CumulativeMeanBaseline`` by default; also
-            ``MovingAverageBaseline``).
+        baseline: the baseline of the loss −R: ``CumulativeMeanBaseline`` (the paper's, default),
+            ``MovingAverageBaseline``, ``SelfCriticalBaseline`` (the greedy caption's loss) or
+            ``LeaveOneOutBaseline(samples=k)`` (k sampled captions per image); the last two need
+            ``rollout.do_sample: true``.
         discriminative: reward ``log softmax`` over the in-batch images (True) or the plain CLIP cosine of
             the caption with its image (False, the paper's appendix comparison).
         receiver_clip: the CLIP that reads the captions; the data's ``clip_model`` when None. It must be
@@ -65,8 +68,18 @@ class DiscriTune(Objective):
         super().__init__()
         self.rollout = rollout or DecodingConfig(max_new_tokens=20, stop_at_period=True)
         if self.rollout.num_return_sequences != 1:
-            raise ValueError("DiscriTune: rollout.num_return_sequences must be 1 (one caption per image)")
+            raise ValueError(
+                "DiscriTune: rollout.num_return_sequences must be 1; several captions per image come from "
+                "the baseline (LeaveOneOutBaseline(samples=k))"
+            )
         self.baseline = baseline if baseline is not None else CumulativeMeanBaseline()
+        if (self.baseline.samples_per_image > 1 or self.baseline.needs_greedy_reference) and not (
+            self.rollout.do_sample
+        ):
+            raise ValueError(
+                f"DiscriTune: {type(self.baseline).__name__} needs a sampling rollout "
+                "(model.objective.init_args.rollout.do_sample=true)"
+            )
         self.discriminative = discriminative
         self.receiver_clip = receiver_clip
         self.global_distractors = global_distractors
@@ -120,27 +133,34 @@ class DiscriTune(Objective):
                 f"embeds in {receiver.dim}: they must come from the same CLIP"
             )
 
-        # 1. Rollout (no gradient), cut after the stop; EOS dropped, a "." kept as caption text.
-        caption_ids = captioner.generate_ids(features, self.rollout)
-        texts = [
-            text.strip() for text in captioner.tokenizer.batch_decode(caption_ids, skip_special_tokens=True)
-        ]
+        # 1. Rollout (no gradient), cut after the stop; EOS dropped, a "." kept as caption text. With k
+        # samples per image the B·k captions are image-major.
+        k = self.baseline.samples_per_image
+        rollout = self.rollout if k == 1 else replace(self.rollout, num_return_sequences=k)
+        caption_ids = captioner.generate_ids(features, rollout)
+        texts = self._texts(captioner, caption_ids)
 
         # 2. The receiver scores every caption against every image of the batch.
         with torch.no_grad():
             text_embeds = receiver.encode_text(texts)
             candidates, offset = self._candidates(features.detach().float())
-            targets = offset + torch.arange(len(texts), device=features.device)
-            if self.discriminative:
-                rewards = discriminative_reward(text_embeds, candidates, targets, receiver.logit_scale)
-            else:
-                rewards = cosine_reward(text_embeds, candidates, targets)
+            images = torch.arange(features.shape[0], device=features.device).repeat_interleave(k)
+            targets = offset + images
+            rewards = self._rewards(text_embeds, candidates, targets)
+            reference_losses = None
+            if self.baseline.needs_greedy_reference:
+                greedy = replace(self.rollout, do_sample=False)
+                greedy_texts = self._texts(captioner, captioner.generate_ids(features, greedy))
+                greedy_rewards = self._rewards(
+                    receiver.encode_text(greedy_texts), candidates, offset + images[::k]
+                )
+                reference_losses = (-greedy_rewards).repeat_interleave(k)
             similarities = text_embeds @ torch.nn.functional.normalize(candidates, dim=-1).T
             picked = similarities.argmax(1) == targets
 
         # 3. log π of the same captions, with gradient: one teacher-forced pass.
         tokens, lengths = self._caption_tokens(captioner, caption_ids)
-        logits = captioner(features, tokens).logits
+        logits = captioner(features.repeat_interleave(k, dim=0) if k > 1 else features, tokens).logits
         log_probs = caption_log_probs(logits, tokens.input_ids, lengths)
 
         if not (torch.isfinite(rewards).all() and torch.isfinite(log_probs).all()):
@@ -154,7 +174,7 @@ class DiscriTune(Objective):
             return ObjectiveOutput(loss=zero, terms={"skipped_steps": self.skipped_steps.float()}, skip=True)
 
         losses = -rewards
-        baseline = self.baseline(losses)
+        baseline = self.baseline(losses, reference_losses)
         loss = reinforce_loss(rewards, baseline, log_probs).mean()
         if self.training:
             self.baseline.update(losses)
@@ -167,8 +187,22 @@ class DiscriTune(Objective):
                 "caption_tokens": lengths.float().mean(),
                 "batch_p_at_1": picked.float().mean(),
                 "candidates": torch.tensor(float(len(candidates))),
+                "captions": torch.tensor(float(len(texts))),
             },
         )
+
+    def _rewards(
+        self, text_embeds: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        if self.discriminative:
+            return discriminative_reward(text_embeds, candidates, targets, self.receiver.logit_scale)
+        return cosine_reward(text_embeds, candidates, targets)
+
+    @staticmethod
+    def _texts(captioner: ClipCaptioner, caption_ids: list[list[int]]) -> list[str]:
+        return [
+            text.strip() for text in captioner.tokenizer.batch_decode(caption_ids, skip_special_tokens=True)
+        ]
 
     def _candidates(self, features: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The images every caption competes against, and where this rank's own images start among them.

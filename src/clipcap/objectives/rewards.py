@@ -89,10 +89,25 @@ def reinforce_loss(rewards: torch.Tensor, baseline: torch.Tensor, log_probs: tor
 
 
 class Baseline(nn.Module):
-    """A baseline of the per-sample loss −R; its state lives in buffers, so checkpoints keep it."""
+    """A baseline of the per-sample loss −R; its state lives in buffers, so checkpoints keep it.
 
-    def forward(self, losses: torch.Tensor) -> torch.Tensor:
-        """The baseline to subtract from ``losses`` (B,), computed before this batch is seen."""
+    Attributes:
+        samples_per_image: captions sampled per image (k); the objective rolls out B·k captions.
+        needs_greedy_reference: the objective must also decode each image greedily and pass those
+            captions' losses as ``reference_losses`` (self-critical training).
+    """
+
+    samples_per_image: int = 1
+    needs_greedy_reference: bool = False
+
+    def forward(self, losses: torch.Tensor, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
+        """The baseline to subtract from ``losses``, computed before this batch is seen.
+
+        Args:
+            losses: (B·k,) per-caption losses −R, image-major (the k samples of an image are adjacent).
+            reference_losses: (B·k,) the greedy caption's loss of each caption's image, when
+                ``needs_greedy_reference``.
+        """
         raise NotImplementedError
 
     def update(self, losses: torch.Tensor) -> None:
@@ -107,7 +122,7 @@ class CumulativeMeanBaseline(Baseline):
         self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
-    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+    def forward(self, losses: torch.Tensor, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
         return self.mean.to(losses.dtype).expand_as(losses)
 
     def update(self, losses: torch.Tensor) -> None:
@@ -130,7 +145,7 @@ class MovingAverageBaseline(Baseline):
         self.register_buffer("value", torch.zeros((), dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
-    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+    def forward(self, losses: torch.Tensor, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
         return self.value.to(losses.dtype).expand_as(losses)
 
     def update(self, losses: torch.Tensor) -> None:
@@ -138,3 +153,37 @@ class MovingAverageBaseline(Baseline):
         # The first batch sets the average instead of being shrunk towards 0.
         self.value.copy_(mean if self.count == 0 else self.decay * self.value + (1 - self.decay) * mean)
         self.count += 1
+
+
+class SelfCriticalBaseline(Baseline):
+    """Self-critical sequence training (Rennie et al. 2017): the baseline of a sampled caption is the loss
+    of the greedy caption of the same image, so only captions that beat greedy decoding are reinforced.
+    Needs a sampling rollout (a greedy rollout would have zero advantage everywhere)."""
+
+    needs_greedy_reference = True
+
+    def forward(self, losses: torch.Tensor, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
+        if reference_losses is None:
+            raise ValueError("SelfCriticalBaseline needs the greedy captions' losses (reference_losses)")
+        return reference_losses.to(losses.dtype)
+
+
+class LeaveOneOutBaseline(Baseline):
+    """REINFORCE leave-one-out (Kool et al. 2019): k captions are sampled per image and each one's baseline
+    is the mean loss of the other k − 1 of the same image. Needs a sampling rollout.
+
+    Args:
+        samples: captions sampled per image (k ≥ 2).
+    """
+
+    def __init__(self, samples: int = 4) -> None:
+        super().__init__()
+        if samples < 2:
+            raise ValueError(f"LeaveOneOutBaseline: samples must be at least 2, got {samples}")
+        self.samples_per_image = samples
+
+    def forward(self, losses: torch.Tensor, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
+        k = self.samples_per_image
+        per_image = losses.detach().view(-1, k)
+        others = (per_image.sum(dim=1, keepdim=True) - per_image) / (k - 1)
+        return others.reshape(-1)
