@@ -168,6 +168,28 @@ def test_sampling_baselines_on_the_tiny_world(baseline, world_batch) -> None:
         assert output.terms["captions"] == 24  # 3 sampled captions for each of the 8 images
 
 
+@pytest.mark.parametrize("trainable", [False, True])
+def test_kl_shaping_subtracts_beta_times_kl_from_the_reward(trainable: bool, world_batch) -> None:
+    datamodule, batch = world_batch
+    outputs = {}
+    for beta in (0.0, 0.5):
+        torch.manual_seed(0)
+        captioner = ClipCaptioner(
+            PrefixLM("synthetic:lm", trainable=trainable),
+            functools.partial(MLPMapper, prefix_length=4),
+            clip_dim=datamodule.clip_dim,
+        )
+        objective = DiscriTune(kl_coefficient=beta)
+        objective.setup(datamodule)
+        outputs[beta] = objective(captioner, batch)
+    kl = outputs[0.5].terms["kl"]
+    assert "kl" not in outputs[0.0].terms
+    torch.testing.assert_close(outputs[0.5].terms["reward"], outputs[0.0].terms["reward"] - 0.5 * kl)
+    assert kl.abs() > 0  # the prefix changes the LM's predictions
+    with pytest.raises(ValueError, match="kl_coefficient"):
+        DiscriTune(kl_coefficient=-1.0)
+
+
 def test_non_finite_rewards_skip_the_step(world_batch, monkeypatch: pytest.MonkeyPatch) -> None:
     datamodule, batch = world_batch
     captioner = ClipCaptioner(

@@ -53,6 +53,11 @@ class DiscriTune(Objective):
         global_distractors: under DDP, every caption competes against the images of the whole global
             batch (all ranks' features are gathered) instead of its rank's share; the paper's in-batch
             setting on one device is the same as this on all devices together.
+        kl_coefficient: β of the KL reward shaping (0 is off, the paper's default): each caption's reward
+            becomes ``R − β · KL``, KL estimated on the caption's own tokens as the mean of
+            ``log π(token | prefix) − log p_LM(token)`` with p_LM the frozen LM without the prefix (the
+            pretrained LM, reloaded frozen when the captioner's LM is trained), which keeps captions close
+            to fluent language.
     """
 
     needs_captions = False
@@ -64,6 +69,7 @@ class DiscriTune(Objective):
         discriminative: bool = True,
         receiver_clip: str | None = None,
         global_distractors: bool = False,
+        kl_coefficient: float = 0.0,
     ) -> None:
         super().__init__()
         self.rollout = rollout or DecodingConfig(max_new_tokens=20, stop_at_period=True)
@@ -83,6 +89,9 @@ class DiscriTune(Objective):
         self.discriminative = discriminative
         self.receiver_clip = receiver_clip
         self.global_distractors = global_distractors
+        if kl_coefficient < 0:
+            raise ValueError(f"DiscriTune: kl_coefficient must be ≥ 0, got {kl_coefficient}")
+        self.kl_coefficient = kl_coefficient
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
 
     # The receiver is frozen and large: it is kept out of the module tree so that checkpoints do not carry
@@ -162,6 +171,12 @@ class DiscriTune(Objective):
         tokens, lengths = self._caption_tokens(captioner, caption_ids)
         logits = captioner(features.repeat_interleave(k, dim=0) if k > 1 else features, tokens).logits
         log_probs = caption_log_probs(logits, tokens.input_ids, lengths)
+        terms: dict[str, torch.Tensor] = {}
+        if self.kl_coefficient > 0:
+            with torch.no_grad():
+                kl = log_probs.detach() - self._unprefixed_log_probs(captioner, tokens, lengths)
+            rewards = rewards - self.kl_coefficient * kl
+            terms["kl"] = kl.mean()
 
         if not (torch.isfinite(rewards).all() and torch.isfinite(log_probs).all()):
             self.skipped_steps += 1
@@ -181,6 +196,7 @@ class DiscriTune(Objective):
         return ObjectiveOutput(
             loss=loss,
             terms={
+                **terms,
                 "reward": rewards.mean(),
                 "baseline": baseline.mean(),
                 "log_prob": log_probs.detach().mean(),
@@ -190,6 +206,30 @@ class DiscriTune(Objective):
                 "captions": torch.tensor(float(len(texts))),
             },
         )
+
+    def _unprefixed_log_probs(
+        self, captioner: ClipCaptioner, tokens: CaptionTokens, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """log p_LM of each caption (same tokens and normalisation as log π) under the frozen LM, given
+        only a start token instead of the image prefix."""
+        reference = captioner.lm if not captioner.lm.trainable else self.__dict__.get("_reference_lm")
+        if reference is None:
+            from clipcap.lm import PrefixLM
+
+            reference = PrefixLM(captioner.lm.pretrained, trainable=False)
+            self.__dict__["_reference_lm"] = (
+                reference  # frozen and outside the module tree, like the receiver
+            )
+        reference.to(tokens.input_ids.device)
+        start = reference.tokenizer.bos_token_id
+        start = reference.eos_token_id if start is None else int(start)
+        batch = tokens.input_ids.shape[0]
+        input_ids = torch.cat([tokens.input_ids.new_full((batch, 1), start), tokens.input_ids[:, :-1]], dim=1)
+        attention_mask = torch.cat(
+            [tokens.attention_mask.new_ones((batch, 1)), tokens.attention_mask[:, :-1]], 1
+        )
+        embeds = reference.embed(input_ids).to(reference.dtype)
+        return caption_log_probs(reference(embeds, attention_mask), tokens.input_ids, lengths)
 
     def _rewards(
         self, text_embeds: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor
