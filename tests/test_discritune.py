@@ -23,7 +23,14 @@ from clipcap.objectives import (
     MovingAverageBaseline,
     SelfCriticalBaseline,
 )
-from clipcap.objectives.rewards import caption_log_probs, cosine_reward, discriminative_reward, reinforce_loss
+from clipcap.objectives.rewards import (
+    caption_log_probs,
+    cosine_reward,
+    discriminative_reward,
+    discriminative_reward_with_negatives,
+    hard_negative_indices,
+    reinforce_loss,
+)
 from clipcap.training import CaptionModule, SyntheticCaptions
 from clipcap.training.data import CaptionImages
 
@@ -70,6 +77,31 @@ def test_reinforce_loss_and_baselines_by_hand() -> None:
     average.update(torch.tensor([2.0]))
     average.update(torch.tensor([4.0]))
     assert average(torch.zeros(1)).item() == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
+
+
+def test_hard_negatives_skip_the_image_itself_near_duplicates_and_the_batch() -> None:
+    # Unit vectors at these angles; cos(Δ) ≥ 0.95 (Δ < 0.318) makes a near-duplicate.
+    angles = torch.tensor([0.0, 0.05, 0.35, 0.6, 0.9, 1.2, 0.45])
+    bank = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    queries = bank[[0, 6]]
+    exclude = torch.tensor([[0, 6], [0, 6]])  # each query's own row and the rest of the batch
+    indices = hard_negative_indices(queries, bank, exclude, count=2, duplicate_threshold=0.95)
+    assert indices[0].tolist() == [2, 3]  # not 0 (itself), not 1 (near-duplicate), not 6 (in the batch)
+    assert indices[1].tolist() == [1, 4]  # rows 2 and 3 are near-duplicates of row 6; 0 is in the batch
+    assert not (indices == 0).any() and not (indices == 6).any()
+    with pytest.raises(ValueError, match="fewer than 6"):
+        hard_negative_indices(queries, bank, exclude, count=6, duplicate_threshold=0.95)
+
+
+def test_reward_with_shared_negatives_equals_the_reward_over_all_candidates() -> None:
+    torch.manual_seed(0)
+    texts, images, negatives = torch.randn(3, 8), torch.randn(3, 8), torch.randn(2, 8)
+    targets = torch.arange(3)
+    with_negatives = discriminative_reward_with_negatives(
+        texts, images, targets, negatives.expand(3, -1, -1), logit_scale=20.0
+    )
+    everything = discriminative_reward(texts, torch.cat([images, negatives]), targets, logit_scale=20.0)
+    torch.testing.assert_close(with_negatives, everything)
 
 
 def test_leave_one_out_and_self_critical_baselines_by_hand() -> None:
@@ -188,6 +220,24 @@ def test_kl_shaping_subtracts_beta_times_kl_from_the_reward(trainable: bool, wor
     assert kl.abs() > 0  # the prefix changes the LM's predictions
     with pytest.raises(ValueError, match="kl_coefficient"):
         DiscriTune(kl_coefficient=-1.0)
+
+
+def test_hard_negatives_lower_the_reward_of_the_same_captions(world_batch) -> None:
+    datamodule, batch = world_batch
+    rewards = {}
+    for count in (0, 4):
+        torch.manual_seed(0)
+        captioner = ClipCaptioner(
+            PrefixLM("synthetic:lm", trainable=True),
+            functools.partial(MLPMapper, prefix_length=4),
+            clip_dim=datamodule.clip_dim,
+        )
+        objective = DiscriTune(hard_negatives=count)
+        objective.setup(datamodule)
+        rewards[count] = objective(captioner, batch).terms["reward"]
+    assert rewards[4] < rewards[0]  # the same greedy captions now compete against 4 more images each
+    with pytest.raises(ValueError, match="discriminative"):
+        DiscriTune(hard_negatives=2, discriminative=False)
 
 
 def test_non_finite_rewards_skip_the_step(world_batch, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from clipcap.captioner import CaptionTokens, ClipCaptioner
@@ -25,6 +26,8 @@ from clipcap.objectives.rewards import (
     caption_log_probs,
     cosine_reward,
     discriminative_reward,
+    discriminative_reward_with_negatives,
+    hard_negative_indices,
     reinforce_loss,
 )
 
@@ -58,6 +61,10 @@ class DiscriTune(Objective):
             ``log π(token | prefix) − log p_LM(token)`` with p_LM the frozen LM without the prefix (the
             pretrained LM, reloaded frozen when the captioner's LM is trained), which keeps captions close
             to fluent language.
+        hard_negatives: extra distractors per caption (H), the CLIP nearest neighbours of its image among
+            the training split's cached features, on top of the in-batch ones (0 is off, the paper's).
+        duplicate_threshold: neighbours at least this cosine-similar to the image are near-duplicates and
+            never used as distractors; the image itself and the rest of the batch never are either.
     """
 
     needs_captions = False
@@ -70,6 +77,8 @@ class DiscriTune(Objective):
         receiver_clip: str | None = None,
         global_distractors: bool = False,
         kl_coefficient: float = 0.0,
+        hard_negatives: int = 0,
+        duplicate_threshold: float = 0.95,
     ) -> None:
         super().__init__()
         self.rollout = rollout or DecodingConfig(max_new_tokens=20, stop_at_period=True)
@@ -92,6 +101,13 @@ class DiscriTune(Objective):
         if kl_coefficient < 0:
             raise ValueError(f"DiscriTune: kl_coefficient must be ≥ 0, got {kl_coefficient}")
         self.kl_coefficient = kl_coefficient
+        if hard_negatives < 0 or (hard_negatives and not discriminative):
+            raise ValueError(
+                "DiscriTune: hard_negatives must be ≥ 0 and needs the discriminative reward, got "
+                f"hard_negatives={hard_negatives}, discriminative={discriminative}"
+            )
+        self.hard_negatives = hard_negatives
+        self.duplicate_threshold = duplicate_threshold
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
 
     # The receiver is frozen and large: it is kept out of the module tree so that checkpoints do not carry
@@ -111,6 +127,13 @@ class DiscriTune(Objective):
         self.__dict__["_receiver"] = encoder
 
     def setup(self, datamodule: object | None) -> None:
+        if self.hard_negatives and self.__dict__.get("_bank") is None:
+            if datamodule is None:
+                raise ValueError("DiscriTune: hard_negatives needs the training split's cached features")
+            cache = datamodule.split("train").features
+            # The bank stays outside the module tree: it is data, not state, and may be large.
+            self.__dict__["_bank"] = torch.from_numpy(np.asarray(cache.features, dtype=np.float32))
+            self.__dict__["_bank_cache"] = cache
         if self.__dict__.get("_receiver") is not None:
             return
         data_clip = getattr(datamodule, "clip_model", None)
@@ -155,7 +178,13 @@ class DiscriTune(Objective):
             candidates, offset = self._candidates(features.detach().float())
             images = torch.arange(features.shape[0], device=features.device).repeat_interleave(k)
             targets = offset + images
-            rewards = self._rewards(text_embeds, candidates, targets)
+            negatives = self._hard_negatives(features, batch.image_ids)
+            if negatives is not None:
+                rewards = discriminative_reward_with_negatives(
+                    text_embeds, candidates, targets, negatives.repeat_interleave(k, 0), receiver.logit_scale
+                )
+            else:
+                rewards = self._rewards(text_embeds, candidates, targets)
             reference_losses = None
             if self.baseline.needs_greedy_reference:
                 greedy = replace(self.rollout, do_sample=False)
@@ -230,6 +259,21 @@ class DiscriTune(Objective):
         )
         embeds = reference.embed(input_ids).to(reference.dtype)
         return caption_log_probs(reference(embeds, attention_mask), tokens.input_ids, lengths)
+
+    def _hard_negatives(self, features: torch.Tensor, image_ids: list[str]) -> torch.Tensor | None:
+        """(B, H, D) each image's hard distractors from the training bank, or None when off."""
+        if not self.hard_negatives:
+            return None
+        bank, cache = self.__dict__.get("_bank"), self.__dict__.get("_bank_cache")
+        if bank is None:
+            raise RuntimeError("DiscriTune: hard_negatives are on but setup() has not loaded the bank")
+        rows = [cache.index_of(i) if i in cache else -1 for i in image_ids]
+        exclude = torch.tensor(rows, device=features.device).expand(len(rows), -1)
+        bank = bank.to(features.device)
+        indices = hard_negative_indices(
+            features, bank, exclude, self.hard_negatives, self.duplicate_threshold
+        )
+        return bank[indices]
 
     def _rewards(
         self, text_embeds: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor

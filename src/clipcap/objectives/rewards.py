@@ -187,3 +187,66 @@ class LeaveOneOutBaseline(Baseline):
         per_image = losses.detach().view(-1, k)
         others = (per_image.sum(dim=1, keepdim=True) - per_image) / (k - 1)
         return others.reshape(-1)
+
+
+def hard_negative_indices(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    exclude: torch.Tensor,
+    count: int,
+    duplicate_threshold: float = 0.95,
+) -> torch.Tensor:
+    """CLIP nearest neighbours of each query image in a bank of image features, as hard distractors.
+
+    Args:
+        queries: (B, D) image embeddings of the batch.
+        bank: (N, D) image embeddings to draw distractors from (e.g. the training split's cache).
+        exclude: (B, E) bank rows each query must never get (its own image, the rest of the batch); -1
+            pads.
+        count: distractors per query (H).
+        duplicate_threshold: bank images at least this cosine-similar to the query are near-duplicates
+            (the same photo re-encoded, a crop) and are skipped: they would punish a correct caption.
+
+    Returns:
+        (B, H) bank rows, most similar first.
+
+    Raises:
+        ValueError: fewer than ``count`` usable bank images for some query.
+    """
+    similarity = F.normalize(queries.float(), dim=-1) @ F.normalize(bank.float(), dim=-1).T
+    similarity = similarity.masked_fill(similarity >= duplicate_threshold, float("-inf"))
+    rows = torch.arange(queries.shape[0], device=queries.device)[:, None].expand_as(exclude)
+    valid = exclude >= 0
+    similarity[rows[valid], exclude[valid]] = float("-inf")
+    values, indices = similarity.topk(count, dim=1)
+    if not torch.isfinite(values).all():
+        raise ValueError(
+            f"hard negatives: fewer than {count} bank images below the duplicate threshold "
+            f"{duplicate_threshold} for some image of the batch"
+        )
+    return indices
+
+
+def discriminative_reward_with_negatives(
+    text_embeds: torch.Tensor,
+    image_embeds: torch.Tensor,
+    targets: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    logit_scale: float,
+) -> torch.Tensor:
+    """:func:`discriminative_reward` where each caption also competes against its own hard negatives.
+
+    Args:
+        text_embeds: (B, D) caption embeddings.
+        image_embeds: (N, D) shared candidates (the batch's images).
+        targets: (B,) each caption's own image among ``image_embeds``.
+        negative_embeds: (B, H, D) each caption's extra distractors.
+        logit_scale: CLIP's temperature.
+
+    Returns:
+        (B,) ``log softmax`` of the own image over the N shared and H own candidates.
+    """
+    texts = F.normalize(text_embeds.float(), dim=-1)
+    shared = logit_scale * texts @ F.normalize(image_embeds.float(), dim=-1).T
+    own = logit_scale * torch.einsum("bd,bhd->bh", texts, F.normalize(negative_embeds.float(), dim=-1))
+    return torch.cat([shared, own], dim=1).log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
