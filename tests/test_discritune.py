@@ -40,6 +40,15 @@ DT_CONFIG = str(REPO / "lightning_configs" / "synthetic" / "discritune.yaml")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false"]
 
 
+def tiny_captioner(clip_dim: int, trainable: bool = True, prefix_length: int = 4) -> ClipCaptioner:
+    """The tiny world's LM behind an MLP mapper."""
+    return ClipCaptioner(
+        PrefixLM("synthetic:lm", trainable=trainable),
+        functools.partial(MLPMapper, prefix_length=prefix_length),
+        clip_dim=clip_dim,
+    )
+
+
 def test_discriminative_reward_by_hand() -> None:
     texts = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # norms differ: the reward uses cosines
     images = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
@@ -131,9 +140,7 @@ def test_caption_log_probs_exclude_the_stop_and_divide_by_length() -> None:
 @pytest.mark.parametrize("advantage", [1.0, -1.0])
 def test_the_gradient_follows_the_advantage(advantage: float, tiny_world: Path) -> None:
     torch.manual_seed(0)
-    captioner = ClipCaptioner(
-        PrefixLM("synthetic:lm", trainable=True), functools.partial(MLPMapper, prefix_length=4), clip_dim=8
-    )
+    captioner = tiny_captioner(clip_dim=8)
     features = torch.randn(2, 8)
     tokens, lengths = DiscriTune._caption_tokens(captioner, [[5, 9, 12], [7]])
     optimizer = torch.optim.SGD(captioner.parameters(), lr=0.05)
@@ -161,11 +168,7 @@ def world_batch(tiny_world: Path):
 def test_objective_on_the_tiny_world(world_batch) -> None:
     datamodule, batch = world_batch
     torch.manual_seed(0)
-    captioner = ClipCaptioner(
-        PrefixLM("synthetic:lm", trainable=True),
-        functools.partial(MLPMapper, prefix_length=4),
-        clip_dim=datamodule.clip_dim,
-    )
+    captioner = tiny_captioner(datamodule.clip_dim, trainable=True)
     objective = DiscriTune()
     objective.setup(datamodule)
     output = objective(captioner, batch)
@@ -185,11 +188,7 @@ def test_objective_on_the_tiny_world(world_batch) -> None:
 def test_sampling_baselines_on_the_tiny_world(baseline, world_batch) -> None:
     datamodule, batch = world_batch
     torch.manual_seed(0)
-    captioner = ClipCaptioner(
-        PrefixLM("synthetic:lm", trainable=True),
-        functools.partial(MLPMapper, prefix_length=4),
-        clip_dim=datamodule.clip_dim,
-    )
+    captioner = tiny_captioner(datamodule.clip_dim, trainable=True)
     objective = DiscriTune(rollout=DecodingConfig(do_sample=True, max_new_tokens=12), baseline=baseline)
     objective.setup(datamodule)
     output = objective(captioner, batch)
@@ -206,11 +205,7 @@ def test_kl_shaping_subtracts_beta_times_kl_from_the_reward(trainable: bool, wor
     outputs = {}
     for beta in (0.0, 0.5):
         torch.manual_seed(0)
-        captioner = ClipCaptioner(
-            PrefixLM("synthetic:lm", trainable=trainable),
-            functools.partial(MLPMapper, prefix_length=4),
-            clip_dim=datamodule.clip_dim,
-        )
+        captioner = tiny_captioner(datamodule.clip_dim, trainable=trainable)
         objective = DiscriTune(kl_coefficient=beta)
         objective.setup(datamodule)
         outputs[beta] = objective(captioner, batch)
@@ -227,11 +222,7 @@ def test_hard_negatives_lower_the_reward_of_the_same_captions(world_batch) -> No
     rewards = {}
     for count in (0, 4):
         torch.manual_seed(0)
-        captioner = ClipCaptioner(
-            PrefixLM("synthetic:lm", trainable=True),
-            functools.partial(MLPMapper, prefix_length=4),
-            clip_dim=datamodule.clip_dim,
-        )
+        captioner = tiny_captioner(datamodule.clip_dim, trainable=True)
         objective = DiscriTune(hard_negatives=count)
         objective.setup(datamodule)
         rewards[count] = objective(captioner, batch).terms["reward"]
@@ -242,11 +233,7 @@ def test_hard_negatives_lower_the_reward_of_the_same_captions(world_batch) -> No
 
 def test_non_finite_rewards_skip_the_step(world_batch, monkeypatch: pytest.MonkeyPatch) -> None:
     datamodule, batch = world_batch
-    captioner = ClipCaptioner(
-        PrefixLM("synthetic:lm", trainable=True),
-        functools.partial(MLPMapper, prefix_length=4),
-        clip_dim=datamodule.clip_dim,
-    )
+    captioner = tiny_captioner(datamodule.clip_dim, trainable=True)
     objective = DiscriTune()
     objective.setup(datamodule)
     monkeypatch.setattr(
@@ -299,28 +286,13 @@ def test_switching_a_cross_entropy_config_to_discritune(ce_run, tmp_path: Path) 
 
 def test_init_from_copies_the_captioner_only(ce_run) -> None:
     ce, path = ce_run
-    module = CaptionModule(
-        ClipCaptioner(
-            PrefixLM("synthetic:lm", trainable=True),
-            functools.partial(MLPMapper, prefix_length=8),
-            clip_dim=ce.model.captioner.clip_dim,
-        ),
-        DiscriTune(),
-        init_from=path,
-    )
+    clip_dim = ce.model.captioner.clip_dim
+    module = CaptionModule(tiny_captioner(clip_dim, prefix_length=8), DiscriTune(), init_from=path)
     trained = ce.model.captioner.state_dict()
     for key, value in module.captioner.state_dict().items():
         torch.testing.assert_close(value, trained[key].cpu(), msg=key)
     with pytest.raises(ValueError, match="init_from"):
-        CaptionModule(
-            ClipCaptioner(
-                PrefixLM("synthetic:lm", trainable=True),
-                functools.partial(MLPMapper, prefix_length=3),
-                clip_dim=ce.model.captioner.clip_dim,
-            ),
-            DiscriTune(),
-            init_from=path,
-        )
+        CaptionModule(tiny_captioner(clip_dim, prefix_length=3), DiscriTune(), init_from=path)
 
 
 @pytest.mark.parametrize("global_distractors", [True, False])
