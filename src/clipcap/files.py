@@ -1,13 +1,14 @@
-"""Atomic file writes: a temporary file in the same folder, flushed to disk, then renamed over the target.
+"""Atomic writes: a temporary file (or folder) beside the target, complete before it is renamed into place.
 
-A crash or an error while writing never leaves a half-written file under the final name, and a reader
-sees either the old file or the new one.
+A crash or an error while writing never leaves a half-written file or folder under the final name, and a
+reader sees either the old one or the new one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -54,3 +55,24 @@ def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     """Saves ``array`` as ``.npy`` (never pickled) to ``path`` atomically; returns the path."""
     contiguous = np.ascontiguousarray(array)
     return _atomic_write(path, lambda handle: np.save(handle, contiguous, allow_pickle=False))
+
+
+def replace_folder(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Renames the complete folder ``staging`` to ``target``, replacing a folder already there.
+
+    ``os.rename`` cannot replace a non-empty folder, so an existing ``target`` steps aside first (as
+    ``.<name>.old-*``) and comes back if the second rename fails; it is deleted only once the new folder is
+    in place. If the process dies between the two renames the old folder survives beside the target.
+    """
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, retired)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(retired, target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

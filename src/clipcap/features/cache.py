@@ -25,12 +25,13 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from clipcap.files import replace_folder
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.npy"
@@ -281,7 +282,7 @@ class FeatureCache:
                 _save_rows(staging / GRID_FILE, full_grid_shape, grid_blocks, np.dtype(grid_dtype))
             _write_text(staging / IMAGE_IDS_FILE, ids_text)
             _write_text(staging / META_FILE, meta_text)
-            _swap_into_place(staging, folder)
+            replace_folder(staging, folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -507,23 +508,6 @@ def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
         _flush(handle)
-
-
-def _swap_into_place(staging: Path, folder: Path) -> None:
-    """Renames the complete ``staging`` folder to ``folder``, replacing an existing cache there."""
-    if not folder.exists():
-        os.rename(staging, folder)
-        return
-    # os.rename cannot replace a non-empty directory, so the old cache steps aside first and comes back
-    # if the second rename fails.
-    retired = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(folder, retired)
-    try:
-        os.rename(staging, folder)
-    except BaseException:
-        os.rename(retired, folder)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _read_json(path: Path) -> Any:

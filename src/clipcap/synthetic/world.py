@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from clipcap.files import replace_folder
 from clipcap.synthetic.scenes import Scene, describe_scene, generate_captions, generate_scene, render_scene
 
 if TYPE_CHECKING:
@@ -362,16 +363,7 @@ def _install(staging: Path, world_dir: Path, replace: bool) -> None:
     if not replace and is_complete_world(world_dir):
         logger.info("another process finished %s first; using that world", world_dir)
         return
-    # os.rename cannot replace a non-empty folder: the old world steps aside, and comes back if the
-    # second rename fails.
-    retired = world_dir.parent / f".{world_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(world_dir, retired)
-    try:
-        os.rename(staging, world_dir)
-    except OSError:
-        os.rename(retired, world_dir)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+    replace_folder(staging, world_dir)
 
 
 # ---------------------------------------------------------------------------------------------- building
