@@ -41,6 +41,24 @@ class _StageState:
     clip: ClipCaptionScores | None
     scoring_features: FeatureCache | None
 
+    def add(self, image_ids: list[str], captions: list[str], device: torch.device | str) -> None:
+        """Scores one batch of generated captions, one per image id."""
+        unknown = [image_id for image_id in image_ids if image_id not in self.index_of]
+        if unknown:
+            raise ValueError(f"CaptionEvaluation: images {unknown[:3]} are not in the {self.split} split")
+        indices = torch.tensor([self.index_of[i] for i in image_ids], device=device)
+        self.nlg.update(indices, captions)
+        if self.clip is not None and self.scoring_features is not None:
+            image_embeds = torch.from_numpy(np.stack([self.scoring_features.get(i) for i in image_ids]))
+            self.clip.update(indices, image_embeds.to(device), captions)
+
+    def compute(self) -> dict[str, float]:
+        """Every metric over everything added (gathered across ranks)."""
+        metrics = dict(self.nlg.compute())
+        if self.clip is not None:
+            metrics.update(self.clip.compute())
+        return {name: float(value) for name, value in metrics.items()}
+
 
 class CaptionEvaluation(pl.Callback):
     """Captions the validation and test splits and scores them with NLG and CLIP metrics.
@@ -139,14 +157,17 @@ class CaptionEvaluation(pl.Callback):
         datamodule = trainer.datamodule
         if not isinstance(datamodule, CaptionDataModule):
             raise TypeError("CaptionEvaluation needs a CaptionDataModule")
-        split = datamodule.split(stage)
-        image_ids = [entry.image_id for entry in split.images]
-        groups = [entry.group for entry in split.images]
-        nlg = NLGScores(
-            datamodule.reference_sets(stage),
-            metrics=self.nlg_metrics,
-            groups=groups if any(g is not None for g in groups) else None,
-        ).to(pl_module.device)
+        return self.new_state(datamodule, stage, pl_module.device)
+
+    def new_state(
+        self, datamodule: CaptionDataModule, split: str, device: torch.device | str = "cpu"
+    ) -> _StageState:
+        """Fresh metrics for one pass over ``split``: NLG, and CLIP metrics when a scoring CLIP is known."""
+        images = datamodule.split(split).images
+        image_ids = [entry.image_id for entry in images]
+        groups = [entry.group for entry in images]
+        groups_or_none = groups if any(g is not None for g in groups) else None
+        nlg = NLGScores(datamodule.reference_sets(split), metrics=self.nlg_metrics, groups=groups_or_none)
         clip = None
         scoring_features = None
         encoder = self.scoring_encoder(datamodule) if self.clip_metrics else None
@@ -156,21 +177,21 @@ class CaptionEvaluation(pl.Callback):
                 "scoring_clip); CLIP metrics are skipped"
             )
         if encoder is not None:
-            scoring_features = self._scoring_features(datamodule, stage, encoder)
-            encoder.to(pl_module.device)
+            scoring_features = self._scoring_features(datamodule, split, encoder)
+            encoder.to(device)
             clip = ClipCaptionScores(
                 encoder,
-                [entry.references for entry in split.images],
-                groups=groups if any(g is not None for g in groups) else None,
+                [entry.references for entry in images],
+                groups=groups_or_none,
                 prompt=self.prompt,
                 block_size=self.block_size,
                 num_distractors=self.num_distractors,
-            ).to(pl_module.device)
+            ).to(device)
         return _StageState(
-            split=stage,
+            split=split,
             image_ids=image_ids,
             index_of={image_id: index for index, image_id in enumerate(image_ids)},
-            nlg=nlg,
+            nlg=nlg.to(device),
             clip=clip,
             scoring_features=scoring_features,
         )
@@ -197,32 +218,18 @@ class CaptionEvaluation(pl.Callback):
         if state is None or state.split != stage:
             return
         with torch.no_grad():
-            captions = [
-                texts[0] for texts in pl_module.captioner.generate(batch.clip_features, self.decoding[stage])
-            ]
-        unknown = [image_id for image_id in batch.image_ids if image_id not in state.index_of]
-        if unknown:
-            raise ValueError(f"CaptionEvaluation: images {unknown[:3]} are not in the {stage} split")
-        indices = torch.tensor([state.index_of[i] for i in batch.image_ids], device=pl_module.device)
-        state.nlg.update(indices, captions)
-        if state.clip is not None and state.scoring_features is not None:
-            image_embeds = torch.from_numpy(
-                np.stack([state.scoring_features.get(i) for i in batch.image_ids])
-            )
-            state.clip.update(indices, image_embeds.to(pl_module.device), captions)
+            generated = pl_module.captioner.generate(batch.clip_features, self.decoding[stage])
+        state.add(batch.image_ids, [texts[0] for texts in generated], pl_module.device)
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         state = self._state
         if state is None or state.split != stage:
             return
         self._state = None
-        metrics = dict(state.nlg.compute())
-        if state.clip is not None:
-            metrics.update(state.clip.compute())
+        self.last_metrics = state.compute()
         # Every rank holds the same gathered numbers, so each logs them (a checkpoint may monitor them).
-        for name, value in metrics.items():
-            pl_module.log(f"{stage}/{name}", float(value), sync_dist=False)
-        self.last_metrics = {name: float(value) for name, value in metrics.items()}
+        for name, value in self.last_metrics.items():
+            pl_module.log(f"{stage}/{name}", value, sync_dist=False)
         # Both gather across ranks, so every rank calls them; rank 0 writes.
         captions = state.nlg.captions()
         per_image = state.clip.per_image() if state.clip is not None else {}
@@ -295,32 +302,12 @@ def score_captions(
         ValueError: an id is not in the split, or an image of the split has no caption.
     """
     images = datamodule.split(split).images
-    index_of = {entry.image_id: index for index, entry in enumerate(images)}
-    unknown = sorted(set(captions) - set(index_of))
+    unknown = sorted(set(captions) - {entry.image_id for entry in images})
     if unknown:
         raise ValueError(f"captions for images that are not in the {split} split: {unknown[:3]}")
     missing = [entry.image_id for entry in images if entry.image_id not in captions]
     if missing:
         raise ValueError(f"{len(missing)} images of the {split} split have no caption, e.g. {missing[:3]}")
-    groups = [entry.group for entry in images]
-    groups_or_none = groups if any(g is not None for g in groups) else None
-    indices = torch.arange(len(images))
-    texts = [captions[entry.image_id] for entry in images]
-    nlg = NLGScores(datamodule.reference_sets(split), metrics=evaluation.nlg_metrics, groups=groups_or_none)
-    nlg.update(indices, texts)
-    scores = dict(nlg.compute())
-    encoder = evaluation.scoring_encoder(datamodule) if evaluation.clip_metrics else None
-    if encoder is not None:
-        features = evaluation._scoring_features(datamodule, split, encoder)
-        clip = ClipCaptionScores(
-            encoder,
-            [entry.references for entry in images],
-            groups=groups_or_none,
-            prompt=evaluation.prompt,
-            block_size=evaluation.block_size,
-            num_distractors=evaluation.num_distractors,
-        )
-        image_embeds = torch.from_numpy(np.stack([features.get(entry.image_id) for entry in images]))
-        clip.update(indices, image_embeds, texts)
-        scores.update(clip.compute())
-    return {name: float(value) for name, value in scores.items()}
+    state = evaluation.new_state(datamodule, split)
+    state.add([entry.image_id for entry in images], [captions[entry.image_id] for entry in images], "cpu")
+    return state.compute()
