@@ -319,3 +319,87 @@ def test_global_distractors_under_two_process_ddp(
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     candidates = {float(row["train/candidates_step"]) for row in rows if row.get("train/candidates_step")}
     assert candidates == ({8.0} if global_distractors else {4.0})
+
+
+@pytest.fixture(scope="module")
+def other_receiver(world_batch, tmp_path_factory: pytest.TempPathFactory):
+    """A second CLIP (another architecture and embedding size) with its own caches of the tiny world."""
+    from clipcap.training.features import main as features_main
+    from tiny_models import tiny_clip_model
+
+    root = tmp_path_factory.mktemp("receiver")
+    clip_dir = root / "clip"
+    tiny_clip_model(seed=7).save_pretrained(clip_dir)
+    datamodule, _ = world_batch
+    features_main(
+        ["--config", DT_CONFIG, "--splits", "train,val", "--no_progress",
+         f"--data.init_args.world_dir={datamodule.world_dir}", f"--data.init_args.clip_model={clip_dir}",
+         f"--data.init_args.features_dir={root / 'features'}"]
+    )  # fmt: skip
+    return str(clip_dir), str(root / "features")
+
+
+def test_a_receiver_clip_other_than_the_features_clip(world_batch, other_receiver) -> None:
+    datamodule, batch = world_batch
+    clip_dir, features_dir = other_receiver
+    torch.manual_seed(0)
+    captioner = tiny_captioner(datamodule.clip_dim)
+    objective = DiscriTune(receiver_clip=clip_dir, receiver_features_dir=features_dir, hard_negatives=2)
+    objective.setup(datamodule)
+    receiver = objective.receiver
+    assert receiver.dim == 16 != datamodule.clip_dim  # the captioner still reads the data's features
+    output = objective(captioner, batch)
+    # By hand: the same greedy captions, read by the other CLIP, against its cached image embeddings.
+    texts = objective._texts(captioner, captioner.generate_ids(batch.clip_features, objective.rollout))
+    cache = objective.__dict__["_receiver_caches"]["train"]
+    images = torch.stack([torch.from_numpy(cache.get(i)) for i in batch.image_ids])
+    negatives = objective._hard_negatives(images, batch.image_ids)
+    expected = discriminative_reward_with_negatives(
+        receiver.encode_text(texts), images, torch.arange(len(texts)), negatives, receiver.logit_scale
+    )
+    torch.testing.assert_close(output.terms["reward"], expected.mean())
+    assert objective.__dict__["_bank"].shape[1] == 16  # hard negatives come from the receiver's cache
+
+
+def test_a_receiver_clip_without_its_own_features_is_refused(world_batch, other_receiver) -> None:
+    datamodule, _ = world_batch
+    clip_dir, _ = other_receiver
+    with pytest.raises(ValueError, match="receiver_features_dir"):
+        DiscriTune(receiver_clip=clip_dir).setup(datamodule)
+    # The data's own caches were made with the data's CLIP, not the receiver: refused, naming the field.
+    with pytest.raises(ValueError, match="clip"):
+        DiscriTune(receiver_clip=clip_dir, receiver_features_dir=str(datamodule.features_dir)).setup(
+            datamodule
+        )
+    with pytest.raises(ValueError, match="receiver_features_dir is set"):
+        DiscriTune(receiver_features_dir=str(datamodule.features_dir)).setup(datamodule)
+
+
+def test_resumed_training_continues_as_if_never_stopped(ce_run, tmp_path: Path) -> None:
+    """Two epochs in one go equal one epoch, a stop, and a resume from its checkpoint: weights, optimizer
+    moments, the baseline and the data order (dropout and shuffling draw from the restored RNG)."""
+    _, ce_checkpoint = ce_run
+    common = ["fit", "--config", DT_CONFIG, f"--model.init_from={ce_checkpoint}", "--data.init_args.batch_size=8",
+              "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0", "--seed_everything=3", *QUIET]  # fmt: skip
+    straight = lightning_cli(
+        [*common, "--trainer.max_epochs=2", "--trainer.default_root_dir", str(tmp_path / "a")]
+    )
+    first = lightning_cli(
+        [*common, "--trainer.max_epochs=1", "--trainer.default_root_dir", str(tmp_path / "b")]
+    )
+    resumed = lightning_cli(
+        [*common, "--trainer.max_epochs=2", "--trainer.default_root_dir", str(tmp_path / "c"),
+         "--ckpt_path", first.trainer.checkpoint_callback.last_model_path]
+    )  # fmt: skip
+    assert resumed.trainer.global_step == straight.trainer.global_step == 6
+    for name in ("count", "mean"):
+        torch.testing.assert_close(
+            getattr(resumed.model.objective.baseline, name), getattr(straight.model.objective.baseline, name)
+        )
+    expected = straight.model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+    moments = [s["exp_avg"] for s in straight.trainer.optimizers[0].state.values()]
+    resumed_moments = [s["exp_avg"] for s in resumed.trainer.optimizers[0].state.values()]
+    for got, want in zip(resumed_moments, moments, strict=True):
+        torch.testing.assert_close(got, want)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ class DiscriTune(Objective):
     The faithful settings are the defaults: greedy rollout, stop at EOS or after the first token holding
     ".", the discriminative reward among the in-batch images, the cumulative-mean baseline. The receiver
     is the CLIP the data's features come from (``data.init_args.clip_model``), so the batch's cached
-    features are its image embeddings.
+    features are its image embeddings, unless ``receiver_clip`` names another CLIP with its own caches.
 
     Args:
         rollout: how training captions are decoded (greedy, 20 new tokens, stop after "." by default;
@@ -51,8 +52,13 @@ class DiscriTune(Objective):
             ``rollout.do_sample: true``.
         discriminative: reward ``log softmax`` over the in-batch images (True) or the plain CLIP cosine of
             the caption with its image (False, the paper's appendix comparison).
-        receiver_clip: the CLIP that reads the captions; the data's ``clip_model`` when None. It must be
-            the CLIP of the cached features, whose image embeddings the batch carries.
+        receiver_clip: the CLIP that reads the captions; the data's ``clip_model`` when None. When it is
+            another CLIP than the features' (e.g. a ViT-L/14 receiver for a captioner fed ViT-B/32
+            features), its image embeddings come from ``receiver_features_dir``.
+        receiver_features_dir: feature caches made with ``receiver_clip``, one folder per split as
+            ``clipcap features`` writes them (run it with ``--data.init_args.clip_model=<receiver>
+            --data.init_args.features_dir=<this folder>``); needed only when the receiver differs from the
+            data's CLIP. Caches made with another CLIP or of another dataset are refused.
         global_distractors: under DDP, every caption competes against the images of the whole global
             batch (all ranks' features are gathered) instead of its rank's share; the paper's in-batch
             setting on one device is the same as this on all devices together.
@@ -75,6 +81,7 @@ class DiscriTune(Objective):
         baseline: Baseline | None = None,
         discriminative: bool = True,
         receiver_clip: str | None = None,
+        receiver_features_dir: str | None = None,
         global_distractors: bool = False,
         kl_coefficient: float = 0.0,
         hard_negatives: int = 0,
@@ -97,6 +104,7 @@ class DiscriTune(Objective):
             )
         self.discriminative = discriminative
         self.receiver_clip = receiver_clip
+        self.receiver_features_dir = receiver_features_dir
         self.global_distractors = global_distractors
         if kl_coefficient < 0:
             raise ValueError(f"DiscriTune: kl_coefficient must be ≥ 0, got {kl_coefficient}")
@@ -127,42 +135,101 @@ class DiscriTune(Objective):
         self.__dict__["_receiver"] = encoder
 
     def setup(self, datamodule: object | None) -> None:
-        if self.hard_negatives and self.__dict__.get("_bank") is None:
-            if datamodule is None:
-                raise ValueError("DiscriTune: hard_negatives needs the training split's cached features")
-            cache = datamodule.split("train").features
-            # The bank stays outside the module tree: it is data, not state, and may be large.
-            self.__dict__["_bank"] = torch.from_numpy(np.asarray(cache.features, dtype=np.float32))
-            self.__dict__["_bank_cache"] = cache
-        if self.__dict__.get("_receiver") is not None:
-            return
         data_clip = getattr(datamodule, "clip_model", None)
         name = self.receiver_clip or data_clip
-        if name is None:
+        if name is None and self.__dict__.get("_receiver") is None:
             raise ValueError(
                 "DiscriTune needs the receiver CLIP: set data.init_args.clip_model (the CLIP of the cached "
                 "features) or model.objective.init_args.receiver_clip"
             )
-        if data_clip is not None and self.receiver_clip is not None and self.receiver_clip != data_clip:
+        if self.receiver_features_dir is not None and (self.receiver_clip in (None, data_clip)):
             raise ValueError(
-                f"DiscriTune: receiver_clip={self.receiver_clip!r} differs from the features' CLIP "
-                f"{data_clip!r}; the batch's image embeddings must come from the receiver"
+                "DiscriTune: receiver_features_dir is set but the receiver is the data's CLIP "
+                f"({name!r}), whose features the batch already carries; set receiver_clip to the CLIP "
+                "those caches were made with, or drop receiver_features_dir"
             )
-        from clipcap.clip.encoder import ClipEncoder
+        own_features = self.receiver_features_dir is not None or (
+            self.receiver_clip is not None and data_clip is not None and self.receiver_clip != data_clip
+        )
+        if own_features and self.__dict__.get("_receiver_caches") is None:
+            self._open_receiver_caches(datamodule, name)
+        if self.hard_negatives and self.__dict__.get("_bank") is None:
+            if datamodule is None:
+                raise ValueError("DiscriTune: hard_negatives needs the training split's cached features")
+            caches = self.__dict__.get("_receiver_caches")
+            # Distractors live in the receiver's space: its own training cache when it has one.
+            cache = caches["train"] if caches else datamodule.split("train").features
+            # The bank stays outside the module tree: it is data, not state, and may be large.
+            self.__dict__["_bank"] = torch.from_numpy(np.asarray(cache.features, dtype=np.float32))
+            self.__dict__["_bank_cache"] = cache
+        if self.__dict__.get("_receiver") is None:
+            from clipcap.clip.encoder import ClipEncoder
 
-        self.set_receiver(ClipEncoder(name))
+            self.set_receiver(ClipEncoder(name))
+
+    def _open_receiver_caches(self, datamodule: object | None, name: str) -> None:
+        """Opens the receiver's own feature caches (every split there is), checked against its CLIP."""
+        from clipcap.clip.encoder import ClipEncoder
+        from clipcap.features.cache import FeatureCache
+        from clipcap.features.extract import cache_expectation
+
+        if self.receiver_features_dir is None:
+            raise ValueError(
+                f"DiscriTune: receiver_clip={name!r} is not the CLIP of the data's features "
+                f"({getattr(datamodule, 'clip_model', None)!r}), so the receiver needs its own image "
+                "features: extract them with `clipcap features --config <config> "
+                f"--data.init_args.clip_model={name} --data.init_args.features_dir=<folder>` and set "
+                "model.objective.init_args.receiver_features_dir=<folder>"
+            )
+        receiver = ClipEncoder(name)
+        self.set_receiver(receiver)
+        folder = Path(self.receiver_features_dir).expanduser()
+        dataset = getattr(datamodule, "dataset_name", None)
+        caches = {}
+        for split in (
+            sorted(p.name for p in folder.iterdir() if FeatureCache.exists(p)) if folder.is_dir() else []
+        ):
+            caches[split] = FeatureCache.open(
+                folder / split, expect=cache_expectation(receiver, dataset=dataset, split=split)
+            )
+        if "train" not in caches:
+            raise ValueError(
+                f"DiscriTune: receiver_features_dir={folder} holds no training-split feature cache made "
+                f"with {name!r} (found {sorted(caches) or 'none'})"
+            )
+        self.__dict__["_receiver_caches"] = caches
+
+    def receiver_image_features(self, batch: CaptionBatch) -> torch.Tensor:
+        """(B, D_receiver) the receiver's embeddings of the batch's images: the batch's own features when
+        the receiver is the data's CLIP, else rows of the receiver's caches, looked up by image id."""
+        caches = self.__dict__.get("_receiver_caches")
+        if not caches:
+            return batch.clip_features
+        rows = []
+        for image_id in batch.image_ids:
+            cache = next((c for c in caches.values() if image_id in c), None)
+            if cache is None:
+                raise KeyError(
+                    f"DiscriTune: image {image_id!r} has no features in the receiver's caches under "
+                    f"{self.receiver_features_dir} (splits {sorted(caches)}); extract them with the "
+                    "receiver CLIP"
+                )
+            rows.append(torch.from_numpy(np.asarray(cache.get(image_id), dtype=np.float32)))
+        return torch.stack(rows).to(batch.clip_features.device)
 
     def forward(self, captioner: ClipCaptioner, batch: CaptionBatch) -> ObjectiveOutput:
-        features = batch.clip_features
-        if features.dim() != 2:
+        features = batch.clip_features  # the captioner's input
+        images = self.receiver_image_features(batch)  # what the receiver compares captions with
+        if images.dim() != 2:
             raise ValueError("DiscriTune reads pooled CLIP features (B, D); grid features are not its input")
         receiver = self.receiver
         if receiver.device != features.device:
             receiver.to(features.device)
-        if features.shape[-1] != receiver.dim:
+        if images.shape[-1] != receiver.dim:
             raise ValueError(
-                f"DiscriTune: the batch's features have size {features.shape[-1]} but the receiver CLIP "
-                f"embeds in {receiver.dim}: they must come from the same CLIP"
+                f"DiscriTune: the batch's features have size {images.shape[-1]} but the receiver CLIP "
+                f"embeds in {receiver.dim}: they must come from the same CLIP (or set "
+                "receiver_features_dir to caches made with the receiver)"
             )
 
         # 1. Rollout (no gradient), cut after the stop; EOS dropped, a "." kept as caption text. With k
@@ -175,10 +242,10 @@ class DiscriTune(Objective):
         # 2. The receiver scores every caption against every image of the batch.
         with torch.no_grad():
             text_embeds = receiver.encode_text(texts)
-            candidates, offset = self._candidates(features.detach().float())
-            images = torch.arange(features.shape[0], device=features.device).repeat_interleave(k)
-            targets = offset + images
-            negatives = self._hard_negatives(features, batch.image_ids)
+            candidates, offset = self._candidates(images.detach().float())
+            owners = torch.arange(features.shape[0], device=features.device).repeat_interleave(k)
+            targets = offset + owners
+            negatives = self._hard_negatives(images, batch.image_ids)
             if negatives is not None:
                 rewards = discriminative_reward_with_negatives(
                     text_embeds, candidates, targets, negatives.repeat_interleave(k, 0), receiver.logit_scale
@@ -190,7 +257,7 @@ class DiscriTune(Objective):
                 greedy = replace(self.rollout, do_sample=False)
                 greedy_texts = self._texts(captioner, captioner.generate_ids(features, greedy))
                 greedy_rewards = self._rewards(
-                    receiver.encode_text(greedy_texts), candidates, offset + images[::k]
+                    receiver.encode_text(greedy_texts), candidates, offset + owners[::k]
                 )
                 reference_losses = (-greedy_rewards).repeat_interleave(k)
             similarities = text_embeds @ torch.nn.functional.normalize(candidates, dim=-1).T
