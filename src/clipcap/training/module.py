@@ -173,6 +173,9 @@ class CaptionModule(pl.LightningModule):
         frozen = self._frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["clipcap_frozen_lm"] = self.captioner.lm.pretrained if frozen else None
+        # Dropout, sampled rollouts and the next epoch's shuffle draw from these generators: with them, a
+        # run resumed from this checkpoint continues as if it had never stopped.
+        checkpoint["clipcap_rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before the skipped-step counters existed still load.
@@ -185,3 +188,47 @@ class CaptionModule(pl.LightningModule):
         if checkpoint.get("clipcap_frozen_lm"):
             for key in self._frozen_keys():
                 checkpoint["state_dict"].setdefault(key, own[key])
+        # Only a resumed fit takes the generators back; loading weights to caption or test does not.
+        resuming = self._trainer is not None and self.trainer.state.fn == "fit"
+        if resuming and "clipcap_rng_states" in checkpoint:
+            _set_rng_states(checkpoint["clipcap_rng_states"])
+
+
+def _rng_states() -> dict[str, Any]:
+    """The random generators' states: torch (CPU and every CUDA device), numpy and Python's."""
+    import random
+
+    import numpy as np
+
+    # Plain tensors and tuples only, so that checkpoints still load with ``weights_only=True``.
+    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached_gauss),
+        ),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    """Restores what :func:`_rng_states` saved (CUDA states only onto as many devices as both have)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"].cpu())
+    name, keys, position, has_gauss, cached_gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    random.setstate(states["python"])
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available():
+        for device, state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state.cpu(), device)
