@@ -394,6 +394,18 @@ def test_coco_discritune_config_trains_on_the_fixture(corpora, tmp_path: Path) -
     assert isinstance(cli.model.optimizer_factory(torch.nn.Linear(1, 1).parameters()), torch.optim.Adam)
 
 
+def test_conceptual_discritune_config_trains_on_the_fixture(corpora, tmp_path: Path) -> None:
+    cli = lightning_cli(
+        ["fit", "--config", str(REPO / "lightning_configs/conceptual/discritune.yaml"), LM_OVERRIDE,
+         *data_overrides(corpora["conceptual_shards"]), *QUICK,
+         "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
+         "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)]
+    )  # fmt: skip
+    assert cli.trainer.state.finished
+    assert type(cli.model.objective).__name__ == "DiscriTune"
+    assert cli.model.decoding.num_beams == 5  # the fixture sets the batch size
+
+
 DATA_CONFIGS = sorted((REPO / "lightning_configs" / "data").glob("*.yaml"))
 
 
@@ -416,6 +428,7 @@ def test_every_shipped_config_is_exercised() -> None:
         SYNTHETIC_CE,
         REPO / "lightning_configs/coco/ce.yaml",
         REPO / "lightning_configs/coco/discritune.yaml",
+        REPO / "lightning_configs/conceptual/discritune.yaml",
         *DATA_CONFIGS,
     }
     synthetic = set((REPO / "lightning_configs" / "synthetic").glob("*.yaml"))  # test_training parses these
