@@ -78,20 +78,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--write", type=Path, default=None, help="write the results block into this markdown file"
     )
+    parser.add_argument(
+        "--dt_option",
+        action="append",
+        default=[],
+        help="extra `clipcap fit` option for the DiscriTune runs (repeatable), e.g. "
+        "--dt_option=--model.optimizer.init_args.lr=3e-5",
+    )
+    parser.add_argument("--skip_ce", action="store_true", help="do not re-test the cross-entropy model")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
     ce_checkpoint = args.ce_checkpoint or latest_checkpoint("runs/demo/ce")
-    rows: dict[str, dict[str, float]] = {
-        "cross-entropy, beam 5": test_metrics(CE_CONFIG, ce_checkpoint, args.out / "ce"),
-        "cross-entropy, greedy": greedy_metrics(ce_checkpoint),
-    }
+    rows: dict[str, dict[str, float]] = {}
+    if not args.skip_ce:
+        rows["cross-entropy, beam 5"] = test_metrics(CE_CONFIG, ce_checkpoint, args.out / "ce")
+        rows["cross-entropy, greedy"] = greedy_metrics(ce_checkpoint)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     for seed in seeds:
         root = args.out / f"seed{seed}"
         cli = lightning_cli(
             ["fit", "--config", DT_CONFIG, f"--model.init_from={ce_checkpoint}", f"--seed_everything={seed}",
-             "--trainer.default_root_dir", str(root), *QUIET]
+             "--trainer.default_root_dir", str(root), *QUIET, *args.dt_option]
         )  # fmt: skip
         best = Path(cli.trainer.checkpoint_callback.best_model_path)
         rows[f"DiscriTune seed {seed}, beam 5"] = test_metrics(
