@@ -329,6 +329,37 @@ def test_labelled_subset_and_unlabelled_pool(corpora) -> None:
     assert pool.split("val").images[0].references  # validation keeps its references
 
 
+def test_an_unlabelled_pool_with_its_labelled_anchor(corpora) -> None:
+    """Jin (2023)'s stage 2: the pool is the images outside the labelled subset, and each batch can carry
+    labelled pairs of that subset beside it."""
+    config = str(corpora["coco_karpathy"])
+    options = ["--data.init_args.labelled_images=1", "--data.init_args.subset_seed=3"]
+    labelled = build_datamodule(config, options).split("train").images
+    stage2 = build_datamodule(
+        config,
+        [*options, "--data.init_args.unlabelled=true", "--data.init_args.anchor_batch_size=2",
+         "--data.init_args.batch_size=8"],
+    )  # fmt: skip
+    stage2.setup("fit")
+    train = stage2.split("train")
+    assert [e.image_id for e in train.labelled] == [e.image_id for e in labelled]
+    assert {e.image_id for e in train.images}.isdisjoint(e.image_id for e in labelled)
+    assert len(train.images) == 2 and not any(e.references for e in train.images)
+    loaders = stage2.train_dataloader()
+    images, anchor = next(iter(loaders["images"])), next(iter(loaders["anchor"]))
+    assert images.captions is None and len(images) == 2
+    assert len(anchor) == min(2, len(labelled[0].references)) and set(anchor.image_ids) == {
+        labelled[0].image_id
+    }
+    assert all(caption in labelled[0].references for caption in anchor.captions)
+    with pytest.raises(ValueError, match="anchor_batch_size"):
+        build_datamodule(config, ["--data.init_args.anchor_batch_size=2"])
+    with pytest.raises(ValueError, match="pool is empty"):
+        build_datamodule(
+            config, ["--data.init_args.labelled_images=3", "--data.init_args.unlabelled=true"]
+        ).split("train")
+
+
 def test_features_are_refused_for_another_clip(corpora, tmp_path: Path) -> None:
     from transformers import CLIPConfig, CLIPModel
 

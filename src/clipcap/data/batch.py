@@ -21,12 +21,15 @@ class CaptionBatch:
         captions: B target captions (one per row) for objectives trained on references; None for
             unlabelled images.
         references: B lists of all reference captions of each image (empty lists when unlabelled).
+        anchor: labelled (image, reference) pairs served beside an unlabelled batch
+            (``data.init_args.anchor_batch_size``), for an objective's supervised anchor; None otherwise.
     """
 
     image_ids: list[str]
     clip_features: torch.Tensor
     captions: list[str] | None = None
     references: list[list[str]] = field(default_factory=list)
+    anchor: CaptionBatch | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)

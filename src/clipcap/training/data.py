@@ -51,11 +51,14 @@ class CaptionSplit:
         features: the split's feature cache.
         images: the images served, in annotation order.
         grid: serve the (G, D) grid features instead of the pooled (D,) embedding.
+        labelled: for an unlabelled training pool, the labelled images kept aside with their references
+            (the cross-entropy anchor of a self-supervised stage); None otherwise.
     """
 
     features: FeatureCache
     images: list[ImageEntry]
     grid: bool = False
+    labelled: list[ImageEntry] | None = None
 
     def __post_init__(self) -> None:
         if self.grid and self.features.grid is None:
@@ -132,7 +135,12 @@ class CaptionDataModule(pl.LightningDataModule):
             images); all images when None.
         subset_seed: seed of the labelled subset.
         unlabelled: serve training images without their references (the unlabelled pool of a
-            self-supervised stage); validation and test keep theirs.
+            self-supervised stage); validation and test keep theirs. With ``labelled_images`` the pool is
+            the other training images, and the labelled ones are kept aside for ``anchor_batch_size``.
+        anchor_batch_size: with ``unlabelled``, every training batch also carries this many (image,
+            reference) pairs of the labelled images (all training images when ``labelled_images`` is
+            None), drawn in their own shuffled cycle: the cross-entropy anchor of ``GumbelClip``
+            (``batch.anchor``). 0 serves none.
         grid_features: serve the cached (G, D) patch-token features instead of the pooled embedding (for
             the Transformer mapper; extract them with ``clipcap features --grid``).
     """
@@ -155,6 +163,7 @@ class CaptionDataModule(pl.LightningDataModule):
         subset_seed: int = 0,
         unlabelled: bool = False,
         grid_features: bool = False,
+        anchor_batch_size: int = 0,
     ) -> None:
         super().__init__()
         # Recorded in checkpoints (datamodule_hyper_parameters): `clipcap caption` finds the CLIP the
@@ -171,6 +180,13 @@ class CaptionDataModule(pl.LightningDataModule):
         self.subset_seed = subset_seed
         self.unlabelled = unlabelled
         self.grid_features = grid_features
+        if anchor_batch_size < 0 or (anchor_batch_size and not unlabelled):
+            raise ValueError(
+                f"{type(self).__name__}: data.init_args.anchor_batch_size={anchor_batch_size} needs "
+                "data.init_args.unlabelled=true (the anchor is labelled pairs served beside an unlabelled "
+                "pool) and must be ≥ 0"
+            )
+        self.anchor_batch_size = anchor_batch_size
         self.splits: dict[str, CaptionSplit] = {}
         self._annotations: dict[str, AnnotationSet] = {}
 
@@ -242,12 +258,23 @@ class CaptionDataModule(pl.LightningDataModule):
                 len(entries),
                 self.features_dir / "summary.json",
             )
+        labelled = None
         if split == "train":
+            chosen = present
             if self.labelled_images is not None:
-                present = labelled_subset(present, self.labelled_images, seed=self.subset_seed)
+                chosen = labelled_subset(present, self.labelled_images, seed=self.subset_seed)
             if self.unlabelled:
-                present = unlabelled_pool(present)
-        return CaptionSplit(features=features, images=present, grid=self.grid_features)
+                # Jin (2023)'s stage 2: the pool is every other image, with its captions never seen.
+                exclude = chosen if self.labelled_images is not None else None
+                labelled, present = chosen, unlabelled_pool(present, exclude=exclude)
+                if not present:
+                    raise ValueError(
+                        f"{self.dataset_name}/train: the unlabelled pool is empty: all "
+                        f"{len(chosen)} images are in the labelled subset (data.init_args.labelled_images)"
+                    )
+            else:
+                present = chosen
+        return CaptionSplit(features=features, images=present, grid=self.grid_features, labelled=labelled)
 
     def reference_sets(self, split: str) -> dict[str, list[tuple[str, ...]]]:
         """The reference sets metrics score a split against, each aligned with ``split(split).images``.
@@ -303,7 +330,17 @@ class CaptionDataModule(pl.LightningDataModule):
         needs_captions = getattr(getattr(module, "objective", None), "needs_captions", True)
         images_only = self.unlabelled or not needs_captions
         dataset = CaptionImages(train) if images_only else CaptionPairs(train)
-        return self._loader(dataset, self.batch_size, shuffle=True)
+        loader = self._loader(dataset, self.batch_size, shuffle=True)
+        if not self.anchor_batch_size:
+            return loader
+        anchor = CaptionPairs(replace(train, images=train.labelled or []))
+        if not len(anchor):
+            raise ValueError(
+                f"{self.dataset_name}/train: anchor_batch_size is set but the labelled images have no "
+                "references to anchor on"
+            )
+        # Lightning cycles the shorter loader ("max_size_cycle"): an epoch is one pass over the pool.
+        return {"images": loader, "anchor": self._loader(anchor, self.anchor_batch_size, shuffle=True)}
 
     def _trainer_attached(self) -> bool:
         return getattr(self, "trainer", None) is not None and self.trainer.lightning_module is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
@@ -102,7 +103,9 @@ class CaptionModule(pl.LightningModule):
                 f"{feature_dim} or use features from the CLIP model the checkpoint was trained with"
             )
 
-    def _shared_step(self, batch: CaptionBatch, stage: str) -> torch.Tensor | None:
+    def _shared_step(self, batch: CaptionBatch | dict[str, CaptionBatch], stage: str) -> torch.Tensor | None:
+        if isinstance(batch, dict):  # an unlabelled batch with its labelled anchor (anchor_batch_size)
+            batch = dataclasses.replace(batch["images"], anchor=batch["anchor"])
         # Supervised objectives are validated on every (image, reference) pair; the others see each image
         # once, as they train.
         if stage != "train" and batch.references and self.objective.needs_captions:
