@@ -1,5 +1,21 @@
-"""CLIP: offline tokenizer, image preprocessing and a frozen encoder over ``transformers.CLIPModel``."""
+"""CLIP: offline tokenizer, image preprocessing and a frozen encoder over ``transformers.CLIPModel``.
 
+``clipcap.clip.bridge`` adds the LM -> CLIP vocabulary bridge and the differentiable CLIP text path of
+captions given as distributions over an LM's vocabulary.
+"""
+
+from clipcap.clip.bridge import (
+    BYTE_LEVEL,
+    METASPACE,
+    PLAIN,
+    ClipAlignment,
+    SoftClipText,
+    VocabularyBridge,
+    align_captions,
+    default_bridge_cache_dir,
+    detect_token_scheme,
+    load_vocabulary_bridge,
+)
 from clipcap.clip.encoder import ClipEncoder
 from clipcap.clip.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImagePreprocessor
 from clipcap.clip.tokenizer import (
@@ -11,13 +27,23 @@ from clipcap.clip.tokenizer import (
 )
 
 __all__ = [
+    "BYTE_LEVEL",
     "CONTEXT_LENGTH",
+    "METASPACE",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "PLAIN",
+    "ClipAlignment",
     "ClipEncoder",
     "ClipImagePreprocessor",
     "ClipTokenizer",
+    "SoftClipText",
+    "VocabularyBridge",
+    "align_captions",
     "clean_caption_text",
+    "default_bridge_cache_dir",
+    "detect_token_scheme",
     "load_clip_tokenizer",
+    "load_vocabulary_bridge",
     "openai_bpe_path",
 ]
