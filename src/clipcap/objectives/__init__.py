@@ -3,6 +3,7 @@
 from clipcap.objectives.base import Objective, ObjectiveOutput
 from clipcap.objectives.cross_entropy import CrossEntropy
 from clipcap.objectives.discritune import DiscriTune
+from clipcap.objectives.gumbel_clip import GumbelClip
 from clipcap.objectives.rewards import (
     Baseline,
     CumulativeMeanBaseline,
@@ -16,6 +17,7 @@ __all__ = [
     "CrossEntropy",
     "CumulativeMeanBaseline",
     "DiscriTune",
+    "GumbelClip",
     "LeaveOneOutBaseline",
     "MovingAverageBaseline",
     "Objective",

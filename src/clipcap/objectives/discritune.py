@@ -21,6 +21,7 @@ from clipcap.captioner import CaptionTokens, ClipCaptioner
 from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.objectives.base import Objective, ObjectiveOutput
+from clipcap.objectives.reference import reference_lm, start_token_id
 from clipcap.objectives.rewards import (
     Baseline,
     CumulativeMeanBaseline,
@@ -308,17 +309,8 @@ class DiscriTune(Objective):
     ) -> torch.Tensor:
         """log p_LM of each caption (same tokens and normalisation as log π) under the frozen LM, given
         only a start token instead of the image prefix."""
-        reference = captioner.lm if not captioner.lm.trainable else self.__dict__.get("_reference_lm")
-        if reference is None:
-            from clipcap.lm import PrefixLM
-
-            reference = PrefixLM(captioner.lm.pretrained, trainable=False)
-            self.__dict__["_reference_lm"] = (
-                reference  # frozen and outside the module tree, like the receiver
-            )
-        reference.to(tokens.input_ids.device)
-        start = reference.tokenizer.bos_token_id
-        start = reference.eos_token_id if start is None else int(start)
+        reference = reference_lm(self, captioner)
+        start = start_token_id(reference)
         batch = tokens.input_ids.shape[0]
         input_ids = torch.cat([tokens.input_ids.new_full((batch, 1), start), tokens.input_ids[:, :-1]], dim=1)
         attention_mask = torch.cat(
