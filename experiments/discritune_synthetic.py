@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from clipcap.cli import lightning_cli
 from clipcap.training import CaptionEvaluation
@@ -125,6 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(
             f"| **DiscriTune, {decoding}, mean ± sd over {len(runs)} seeds** | " + " | ".join(spread) + " |"
         )
+    config = yaml.safe_load(Path(DT_CONFIG).read_text())
+    settings = {
+        "lr": config["model"]["optimizer"]["init_args"]["lr"],
+        "epochs": config["trainer"]["max_epochs"],
+    }
     command = "python experiments/discritune_synthetic.py " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
     )
@@ -135,8 +141,11 @@ def main(argv: list[str] | None = None) -> None:
             f"- Command: `{command.strip()}`, starting from `{ce_checkpoint}`",
             f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
             f"{time.perf_counter() - started:.0f} s on a 2-core CPU",
-            f'- DiscriTune: `{DT_CONFIG}` (batch 100, Adam lr 1e-5, 3 epochs, greedy rollout, stop after ".");'
-            " the seeds change the order of the training images; the best epoch by validation P@1 is tested",
+            f"- DiscriTune: `{DT_CONFIG}` (batch 100, Adam lr {settings['lr']:g}, {settings['epochs']} epochs,"
+            ' greedy rollout, stop after "."'
+            + (f"; options {' '.join(args.dt_option)}" if args.dt_option else "")
+            + "); the seeds change the order of the training images; the best epoch by validation P@1"
+            " (greedy) is tested",
             "",
             *lines,
         ]
