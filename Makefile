@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv/ and install torch==2.13.0, then clipcap with its dependencies
 
-demo: $(STAMP) ## build the synthetic world if absent, train with cross-entropy then DiscriTune, print the metrics
+demo: $(STAMP) ## build the synthetic world if absent, train cross-entropy, DiscriTune and two-stage Gumbel-CLIP, print the metrics
 	$(VENV)/bin/clipcap demo --config lightning_configs/synthetic/ce.yaml
 
 test: $(STAMP) ## the fast test tier (CPU, tiny models, no network)

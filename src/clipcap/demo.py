@@ -1,7 +1,8 @@
 """``clipcap demo``: the main job, end to end, on the embedded synthetic world.
 
 Builds the world if it is absent, trains a captioner with cross-entropy, fine-tunes it with DiscriTune,
-tests both best checkpoints with ``CaptionEvaluation`` (beam 5: BLEU, METEOR, ROUGE-L, CIDEr, CLIPScore,
+runs the two-stage recipe of Jin (2023) (cross-entropy on 2% of the labels, then Gumbel-CLIP on the
+unlabelled rest), tests every stage with ``CaptionEvaluation`` (beam 5: BLEU, METEOR, ROUGE-L, CIDEr, CLIPScore,
 RefCLIPScore, RefCompare, retrieval P@1, and a ``report.html`` each), and prints the metrics side by side
 with a trivial baseline (the most frequent training caption for every image), plus a few samples.
 """
@@ -52,21 +53,42 @@ def format_table(rows: dict[str, dict[str, float]], columns: tuple[str, ...] = T
     return "\n".join(lines)
 
 
-def fit_and_test(config: str, root: str, *options: str) -> tuple[object, CaptionEvaluation, str]:
+def fit_and_test(
+    config: str, root: str, *options: str, last: bool = False
+) -> tuple[object, CaptionEvaluation, str]:
     """Trains with ``config``, then tests its best checkpoint with the config's ``CaptionEvaluation``.
 
+    Args:
+        last: test the last checkpoint instead of the best (a stage trained for a fixed number of epochs).
+
     Returns:
-        The LightningCLI (trainer, model, datamodule), the evaluation callback, and the best checkpoint.
+        The LightningCLI (trainer, model, datamodule), the evaluation callback, and the tested checkpoint.
     """
     from clipcap.cli import lightning_cli
 
     cli = lightning_cli(["fit", "--config", config, "--trainer.default_root_dir", root, *options])
-    best = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
+    checkpoints = cli.trainer.checkpoint_callback
+    best = (None if last else checkpoints.best_model_path) or checkpoints.last_model_path
     evaluation = next((c for c in cli.trainer.callbacks if isinstance(c, CaptionEvaluation)), None)
     if evaluation is None:
         raise SystemExit(f"[demo] {config} has no CaptionEvaluation callback to test with")
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
     return cli, evaluation, best
+
+
+STAGE1_EPOCHS = 20
+"""Stage 1 of the two-stage recipe trains this many epochs on its few labelled pairs (its last checkpoint
+starts stage 2)."""
+
+
+def two_stage_labels(gumbel_config: str) -> int:
+    """The labelled subset size of the two-stage recipe, as the stage-2 config sets it."""
+    import yaml
+
+    data = yaml.safe_load(Path(gumbel_config).read_text())["data"]["init_args"]
+    if data.get("labelled_images") is None:
+        raise SystemExit(f"[demo] {gumbel_config} sets no data.init_args.labelled_images for stage 1")
+    return int(data["labelled_images"])
 
 
 def read_predictions(folder: Path) -> dict[str, str]:
@@ -82,6 +104,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "--discritune_config",
         default="lightning_configs/synthetic/discritune.yaml",
         help="DiscriTune config, started from the cross-entropy model; '' skips the stage",
+    )
+    parser.add_argument(
+        "--gumbel_config",
+        default="lightning_configs/synthetic/gumbel_clip.yaml",
+        help="Gumbel-CLIP stage-2 config of the two-stage recipe; its labelled_images set stage 1's "
+        "labelled subset; '' skips both stages",
+    )
+    parser.add_argument(
+        "--stage1_epochs", type=int, default=STAGE1_EPOCHS, help="epochs of the two-stage recipe's stage 1"
     )
     parser.add_argument("--out", default="runs/demo", help="run folder (logs, checkpoints, results)")
     parser.add_argument("--samples", type=int, default=6, help="image → caption samples to print")
@@ -120,6 +151,27 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         folder = dt_evaluation.output_folder(dt_cli.trainer, "test")
         predictions["DiscriTune"] = read_predictions(folder)
         reports["DiscriTune"] = str(folder / "report.html")
+
+    if args.gumbel_config:
+        labelled = two_stage_labels(args.gumbel_config)
+        share = f"{100 * labelled / len(datamodule.split('train').images):g}%"
+        stage1_cli, stage1_evaluation, stage1_last = fit_and_test(
+            args.config, str(out / "stage1"), f"--data.init_args.labelled_images={labelled}",
+            f"--trainer.max_epochs={args.stage1_epochs}", "--trainer.check_val_every_n_epoch=10", last=True,
+        )  # fmt: skip
+        print(f"[demo] stage 1 ({share} labels) trained and tested in {time.perf_counter() - started:.0f}s")
+        rows[f"clipcap (cross-entropy, {share} labels)"] = dict(stage1_evaluation.last_metrics)
+        folder = stage1_evaluation.output_folder(stage1_cli.trainer, "test")
+        predictions[f"{share} labels"] = read_predictions(folder)
+        reports[f"{share} labels"] = str(folder / "report.html")
+        gc_cli, gc_evaluation, gc_best = fit_and_test(
+            args.gumbel_config, str(out / "gumbel_clip"), f"--model.init_from={stage1_last}"
+        )
+        print(f"[demo] stage 2 (Gumbel-CLIP) trained and tested in {time.perf_counter() - started:.0f}s")
+        rows[f"clipcap ({share} labels, then Gumbel-CLIP)"] = dict(gc_evaluation.last_metrics)
+        folder = gc_evaluation.output_folder(gc_cli.trainer, "test")
+        predictions["Gumbel-CLIP"] = read_predictions(folder)
+        reports["Gumbel-CLIP"] = str(folder / "report.html")
 
     print(
         f"\n[demo] test split, {len(test_images)} images, beam {evaluation.decoding['test'].num_beams}\n"
