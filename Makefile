@@ -38,6 +38,7 @@ bench: $(STAMP) ## speed benchmarks (prints figures; see docs/benchmarks.md)
 	$(PYTHON) benchmarks/bench_captioner.py
 	$(PYTHON) benchmarks/bench_data.py
 	$(PYTHON) benchmarks/bench_discritune.py
+	$(PYTHON) benchmarks/bench_gumbel_memory.py --shape small
 	$(PYTHON) benchmarks/bench_evaluation.py  # needs a trained checkpoint: run `make demo` first
 
 .PHONY: help install demo test test-full lint bench
