@@ -437,6 +437,37 @@ def test_conceptual_discritune_config_trains_on_the_fixture(corpora, tmp_path: P
     assert cli.model.decoding.num_beams == 5  # the fixture sets the batch size
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_coco_two_stage_configs_train_on_the_fixture(stage: str, corpora, tmp_path: Path) -> None:
+    cli = lightning_cli(
+        ["fit", "--config", str(REPO / f"lightning_configs/coco/two_stage_10k_{stage}.yaml"), LM_OVERRIDE,
+         *data_overrides(corpora["coco_karpathy"]), *QUICK, "--data.init_args.labelled_images=1",
+         "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
+         "--model.captioner.init_args.max_caption_tokens=8",
+         "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)]
+    )  # fmt: skip
+    assert cli.trainer.state.finished
+    objective = type(cli.model.objective).__name__
+    assert objective == {"stage1": "CrossEntropy", "stage2": "GumbelClip"}[stage]
+    train = cli.datamodule.split("train")
+    if stage == "stage1":
+        assert len(train.images) == 1
+    else:  # the pool is the other two images; the labelled one is the anchor
+        assert len(train.images) == 2 and len(train.labelled) == 1
+
+
+@pytest.mark.parametrize("count", [100, 1000])
+def test_the_label_sweep_overlays(count: int, corpora, tmp_path: Path) -> None:
+    cli = lightning_cli(
+        ["fit", "--config", str(REPO / "lightning_configs/coco/two_stage_10k_stage1.yaml"),
+         "--config", str(REPO / f"lightning_configs/coco/labels_{count}.yaml"), LM_OVERRIDE,
+         *data_overrides(corpora["coco_karpathy"]), "--trainer.default_root_dir", str(tmp_path)],
+        run=False,
+    )  # fmt: skip
+    assert cli.datamodule.labelled_images == count
+    assert cli.trainer.max_epochs == 10 and cli.datamodule.restval_as_train  # the rest is stage 1's
+
+
 DATA_CONFIGS = sorted((REPO / "lightning_configs" / "data").glob("*.yaml"))
 
 
@@ -460,6 +491,10 @@ def test_every_shipped_config_is_exercised() -> None:
         REPO / "lightning_configs/coco/ce.yaml",
         REPO / "lightning_configs/coco/discritune.yaml",
         REPO / "lightning_configs/conceptual/discritune.yaml",
+        REPO / "lightning_configs/coco/two_stage_10k_stage1.yaml",
+        REPO / "lightning_configs/coco/two_stage_10k_stage2.yaml",
+        REPO / "lightning_configs/coco/labels_100.yaml",
+        REPO / "lightning_configs/coco/labels_1000.yaml",
         *DATA_CONFIGS,
     }
     synthetic = set((REPO / "lightning_configs" / "synthetic").glob("*.yaml"))  # test_training parses these

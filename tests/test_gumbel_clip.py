@@ -201,3 +201,29 @@ def test_switching_a_cross_entropy_config_to_gumbel_clip(stage1, tmp_path: Path)
     )  # fmt: skip
     assert cli.trainer.state.finished and isinstance(cli.model.objective, GumbelClip)
     assert torch.isfinite(cli.trainer.callback_metrics["train/cosine"])
+
+
+@pytest.mark.parametrize("mapper", ["MLPMapper", "TransformerMapper"])
+@pytest.mark.parametrize("trainable", [True, False])
+def test_the_four_variants_of_the_paper_train(
+    mapper: str, trainable: bool, tiny_world: Path, tmp_path: Path
+) -> None:
+    """Jin (2023)'s variants: MLP or Transformer mapper, LM finetuned or frozen, each a few Gumbel-CLIP steps
+    with the anchor; only what trains changes."""
+    cli = lightning_cli(
+        ["fit", "--config", GC_CONFIG, *TINY_DATA, *QUIET, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+         f"--model.captioner.init_args.mapper={mapper}", "--model.captioner.init_args.mapper.init_args.prefix_length=4",
+         *(["--model.captioner.init_args.mapper.init_args.num_layers=1",
+            "--model.captioner.init_args.mapper.init_args.num_heads=4"] if mapper == "TransformerMapper" else []),
+         f"--model.captioner.init_args.language_model.init_args.trainable={str(trainable).lower()}",
+         "--model.objective.init_args.rollout.max_new_tokens=6", "--trainer.default_root_dir", str(tmp_path)],
+        run=False,
+    )  # fmt: skip
+    module = cli.model
+    before = {k: v.clone() for k, v in module.captioner.state_dict().items()}
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+    assert int(module.objective.steps) == 2
+    after = module.captioner.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert any(k.startswith("mapper.") for k in changed)
+    assert any(k.startswith("lm.") for k in changed) == trainable
