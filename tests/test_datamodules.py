@@ -401,37 +401,34 @@ def data_overrides(fixture_config: Path) -> list[str]:
     ]
 
 
-def test_coco_config_trains_on_the_fixture(corpora, tmp_path: Path) -> None:
-    cli = lightning_cli(
-        ["fit", "--config", str(REPO / "lightning_configs/coco/ce.yaml"), LM_OVERRIDE,
-         *data_overrides(corpora["coco_karpathy"]), *QUICK,
-         "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
+def fit_shipped_config(config: str, fixture: Path, tmp_path: Path, *options: str):
+    """One fast_dev_run step of a shipped config with its data pointed at a fixture (the tiny LM, one
+    process, no pinned memory); every other option of the config is used as shipped."""
+    return lightning_cli(
+        ["fit", "--config", str(REPO / config), LM_OVERRIDE, *data_overrides(fixture), *QUICK,
+         "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false", *options,
          "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)]
     )  # fmt: skip
+
+
+def test_coco_config_trains_on_the_fixture(corpora, tmp_path: Path) -> None:
+    cli = fit_shipped_config("lightning_configs/coco/ce.yaml", corpora["coco_karpathy"], tmp_path)
     assert cli.trainer.state.finished
     assert isinstance(cli.model, CaptionModule)
     assert cli.model.captioner.prefix_length == 10
 
 
 def test_coco_discritune_config_trains_on_the_fixture(corpora, tmp_path: Path) -> None:
-    cli = lightning_cli(
-        ["fit", "--config", str(REPO / "lightning_configs/coco/discritune.yaml"), LM_OVERRIDE,
-         *data_overrides(corpora["coco_karpathy"]), *QUICK,
-         "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
-         "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)]
-    )  # fmt: skip
+    cli = fit_shipped_config("lightning_configs/coco/discritune.yaml", corpora["coco_karpathy"], tmp_path)
     assert cli.trainer.state.finished
     assert type(cli.model.objective).__name__ == "DiscriTune"
     assert isinstance(cli.model.optimizer_factory(torch.nn.Linear(1, 1).parameters()), torch.optim.Adam)
 
 
 def test_conceptual_discritune_config_trains_on_the_fixture(corpora, tmp_path: Path) -> None:
-    cli = lightning_cli(
-        ["fit", "--config", str(REPO / "lightning_configs/conceptual/discritune.yaml"), LM_OVERRIDE,
-         *data_overrides(corpora["conceptual_shards"]), *QUICK,
-         "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
-         "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)]
-    )  # fmt: skip
+    cli = fit_shipped_config(
+        "lightning_configs/conceptual/discritune.yaml", corpora["conceptual_shards"], tmp_path
+    )
     assert cli.trainer.state.finished
     assert type(cli.model.objective).__name__ == "DiscriTune"
     assert cli.model.decoding.num_beams == 5  # the fixture sets the batch size
@@ -439,13 +436,13 @@ def test_conceptual_discritune_config_trains_on_the_fixture(corpora, tmp_path: P
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_coco_two_stage_configs_train_on_the_fixture(stage: str, corpora, tmp_path: Path) -> None:
-    cli = lightning_cli(
-        ["fit", "--config", str(REPO / f"lightning_configs/coco/two_stage_10k_{stage}.yaml"), LM_OVERRIDE,
-         *data_overrides(corpora["coco_karpathy"]), *QUICK, "--data.init_args.labelled_images=1",
-         "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
-         "--model.captioner.init_args.max_caption_tokens=8",
-         "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)]
-    )  # fmt: skip
+    cli = fit_shipped_config(
+        f"lightning_configs/coco/two_stage_10k_{stage}.yaml",
+        corpora["coco_karpathy"],
+        tmp_path,
+        "--data.init_args.labelled_images=1",
+        "--model.captioner.init_args.max_caption_tokens=8",
+    )
     assert cli.trainer.state.finished
     objective = type(cli.model.objective).__name__
     assert objective == {"stage1": "CrossEntropy", "stage2": "GumbelClip"}[stage]
