@@ -135,22 +135,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     baseline = score_captions(
         evaluation, datamodule, "test", {e.image_id: baseline_caption for e in test_images}
     )
-    rows = {
-        f"baseline: always {baseline_caption!r}": baseline,
-        "clipcap (cross-entropy)": dict(evaluation.last_metrics),
-    }
-    predictions = {"cross-entropy": read_predictions(evaluation.output_folder(cli.trainer, "test"))}
-    reports = {"cross-entropy": str(evaluation.output_folder(cli.trainer, "test") / "report.html")}
+    rows = {f"baseline: always {baseline_caption!r}": baseline}
+    predictions: dict[str, dict[str, str]] = {}
+    reports: dict[str, str] = {}
 
+    def record(row: str, short: str, stage_cli, stage_evaluation: CaptionEvaluation) -> None:
+        """Adds a tested stage's metrics row, test predictions (for the samples) and report."""
+        rows[row] = dict(stage_evaluation.last_metrics)
+        folder = stage_evaluation.output_folder(stage_cli.trainer, "test")
+        predictions[short] = read_predictions(folder)
+        reports[short] = str(folder / "report.html")
+
+    record("clipcap (cross-entropy)", "cross-entropy", cli, evaluation)
     if args.discritune_config:
         dt_cli, dt_evaluation, dt_best = fit_and_test(
             args.discritune_config, str(out / "discritune"), f"--model.init_from={best}"
         )
         print(f"[demo] DiscriTune trained and tested in {time.perf_counter() - started:.0f}s ({dt_best})")
-        rows["clipcap (cross-entropy, then DiscriTune)"] = dict(dt_evaluation.last_metrics)
-        folder = dt_evaluation.output_folder(dt_cli.trainer, "test")
-        predictions["DiscriTune"] = read_predictions(folder)
-        reports["DiscriTune"] = str(folder / "report.html")
+        record("clipcap (cross-entropy, then DiscriTune)", "DiscriTune", dt_cli, dt_evaluation)
 
     if args.gumbel_config:
         labelled = two_stage_labels(args.gumbel_config)
@@ -160,18 +162,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             f"--trainer.max_epochs={args.stage1_epochs}", "--trainer.check_val_every_n_epoch=10", last=True,
         )  # fmt: skip
         print(f"[demo] stage 1 ({share} labels) trained and tested in {time.perf_counter() - started:.0f}s")
-        rows[f"clipcap (cross-entropy, {share} labels)"] = dict(stage1_evaluation.last_metrics)
-        folder = stage1_evaluation.output_folder(stage1_cli.trainer, "test")
-        predictions[f"{share} labels"] = read_predictions(folder)
-        reports[f"{share} labels"] = str(folder / "report.html")
-        gc_cli, gc_evaluation, gc_best = fit_and_test(
+        record(f"clipcap (cross-entropy, {share} labels)", f"{share} labels", stage1_cli, stage1_evaluation)
+        gc_cli, gc_evaluation, _ = fit_and_test(
             args.gumbel_config, str(out / "gumbel_clip"), f"--model.init_from={stage1_last}"
         )
         print(f"[demo] stage 2 (Gumbel-CLIP) trained and tested in {time.perf_counter() - started:.0f}s")
-        rows[f"clipcap ({share} labels, then Gumbel-CLIP)"] = dict(gc_evaluation.last_metrics)
-        folder = gc_evaluation.output_folder(gc_cli.trainer, "test")
-        predictions["Gumbel-CLIP"] = read_predictions(folder)
-        reports["Gumbel-CLIP"] = str(folder / "report.html")
+        record(f"clipcap ({share} labels, then Gumbel-CLIP)", "Gumbel-CLIP", gc_cli, gc_evaluation)
 
     print(
         f"\n[demo] test split, {len(test_images)} images, beam {evaluation.decoding['test'].num_beams}\n"
