@@ -214,7 +214,8 @@ def gumbel_rollout(
 
 def _logits_kwargs(model: PreTrainedModel) -> dict[str, int]:
     """Asks for the last position's logits only, where the model can skip the LM head on the others."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's LoRA
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
 
 class _CachedStep:

@@ -12,23 +12,31 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from clipcap.lora import LoraSettings, apply_lora, is_adapter_key
 from clipcap.pretrained import resolve_pretrained
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_QUANTIZATIONS = ("8bit", "4bit")
 
 
 class PrefixLM(nn.Module):
-    """A causal LM with its tokenizer, frozen or trained.
+    """A causal LM with its tokenizer: frozen, finetuned, or adapted with LoRA.
 
     A frozen LM keeps ``requires_grad=False`` on every parameter (so backward computes gradients for the
     prefix only, never for the LM's weights) and stays in eval mode whatever mode its parent is put in,
-    so dropout does not perturb the features the mapper learns to match.
+    so dropout does not perturb the features the mapper learns to match. With ``lora`` the base weights
+    are frozen the same way and only the adapters train (the LM then follows its parent's mode, so the
+    adapters' dropout is active in training); checkpoints hold the adapters, never the base.
 
     Args:
         pretrained: a Hugging Face name, a local folder, or ``synthetic:lm``.
-        trainable: finetune the LM's weights; False keeps it frozen.
-        dtype: weights dtype, ``float32``, ``float16`` or ``bfloat16``.
-        gradient_checkpointing: recompute activations in backward to save memory (trainable LMs).
+        trainable: finetune all of the LM's weights; False keeps them frozen (LoRA adapters still train).
+        dtype: weights dtype, ``float32``, ``float16`` (V100) or ``bfloat16`` (A100 and later).
+        gradient_checkpointing: recompute the LM's activations in backward to save memory (trained or
+            LoRA-adapted LMs).
+        lora: LoRA settings (peft); the base stays frozen. Not with ``trainable``.
+        quantization: load the frozen base in ``8bit`` or ``4bit`` (NF4) through bitsandbytes (the
+            optional ``quantization`` extra; CUDA only). Not with ``trainable``.
     """
 
     def __init__(
@@ -37,15 +45,28 @@ class PrefixLM(nn.Module):
         trainable: bool = False,
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
+        quantization: str | None = None,
     ) -> None:
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"PrefixLM: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if trainable and lora is not None:
+            raise ValueError(
+                "PrefixLM: trainable=true finetunes every LM weight and lora adds adapters to a frozen base; "
+                "choose one"
+            )
+        if trainable and quantization is not None:
+            raise ValueError("PrefixLM: a quantized base cannot be finetuned; use lora with quantization")
         path = resolve_pretrained(pretrained)
         self.pretrained = pretrained
         self.trainable = trainable
+        self.lora = lora
+        self.quantization = quantization
         try:
-            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+                path, dtype=_DTYPES[dtype], **_quantization_kwargs(quantization, _DTYPES[dtype])
+            )
             self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as error:
             raise ValueError(
@@ -53,18 +74,40 @@ class PrefixLM(nn.Module):
             ) from error
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"PrefixLM: the tokenizer of {pretrained!r} has no EOS token; captions need one")
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # Non-reentrant: the frozen base's inputs need not require gradients for the prefix's to flow.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not trainable:
             self.model.requires_grad_(False)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora, pretrained)
+        if not self.trains:
             self.model.eval()
-        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    @property
+    def trains(self) -> bool:
+        """Whether any LM weight trains: the whole LM, or its LoRA adapters."""
+        return self.trainable or self.lora is not None
 
     def train(self, mode: bool = True) -> PrefixLM:
         super().train(mode)
-        if not self.trainable:
+        if not self.trains:
             self.model.eval()
         return self
+
+    def frozen_state_keys(self) -> list[str]:
+        """Keys of this module's state dict that never train: all of them for a frozen LM, the base model's
+        under LoRA, none when the LM is finetuned. Checkpoints leave them out; the pretrained source
+        restores them."""
+        if self.trainable:
+            return []
+        return [key for key in self.state_dict() if not is_adapter_key(key)]
+
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The Hugging Face model under the LoRA wrapper (the model itself without LoRA)."""
+        return self.model.get_base_model() if self.lora is not None else self.model
 
     @property
     def embed_dim(self) -> int:
@@ -123,3 +166,35 @@ class PrefixLM(nn.Module):
         texts = self.tokenizer.batch_decode([[i] for i in range(vocab_size)])
         special = set(self.tokenizer.all_special_ids)
         return [i for i, text in enumerate(texts) if "." in text and i not in special]
+
+
+def _quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict:
+    """``from_pretrained`` options that load the base in 8 or 4 bits, or none."""
+    if quantization is None:
+        return {}
+    if quantization not in _QUANTIZATIONS:
+        raise ValueError(
+            f"PrefixLM: quantization must be one of {_QUANTIZATIONS} or null, got {quantization!r}"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            f"PrefixLM: quantization={quantization!r} needs bitsandbytes, an optional extra: "
+            "pip install 'clipcap[quantization]' (CUDA only)"
+        ) from None
+    if not torch.cuda.is_available():
+        raise ValueError(f"PrefixLM: quantization={quantization!r} needs a CUDA device; none is available")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+        )
+    # Quantized weights are placed on the device at load time (bitsandbytes quantizes on the GPU).
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 from clipcap.captioner import ClipCaptioner
@@ -9,19 +12,48 @@ from clipcap.lm import PrefixLM
 
 
 def reference_lm(owner: nn.Module, captioner: ClipCaptioner) -> PrefixLM:
-    """The pretrained LM, frozen: the captioner's own LM when it is frozen (its weights never move), else a
-    second copy loaded from the same pretrained source once and kept on ``owner``.
+    """The pretrained LM, frozen: the captioner's own LM when it is frozen (its weights never move), the
+    same LM with its adapters switched off under LoRA (no second copy of a 7B base), else a second copy
+    loaded from the same pretrained source once and kept on ``owner``.
 
     The copy is stored in ``owner.__dict__``, outside the module tree, so checkpoints never carry it and
     optimizers never see it; it follows the captioner's device.
     """
-    if not captioner.lm.trainable:
+    if not captioner.lm.trains:
         return captioner.lm
+    if captioner.lm.lora is not None:
+        return WithoutAdapters(captioner.lm)
     reference = owner.__dict__.get("_reference_lm")
     if reference is None:
         reference = PrefixLM(captioner.lm.pretrained, trainable=False, dtype=_dtype_name(captioner.lm))
         owner.__dict__["_reference_lm"] = reference
     return reference.to(captioner.device)
+
+
+class WithoutAdapters:
+    """A LoRA-adapted :class:`PrefixLM` seen with its adapters switched off: the pretrained LM, as the
+    KL terms need it, read from the same weights. Offers the parts of ``PrefixLM`` those terms use."""
+
+    def __init__(self, lm: PrefixLM) -> None:
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+        self.model = lm.model
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.lm.eos_token_id
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with self.lm.model.disable_adapter():
+            return self.lm.embed(input_ids)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with self.lm.model.disable_adapter():
+            return self.lm(*args, **kwargs)
 
 
 def _dtype_name(lm: PrefixLM) -> str:

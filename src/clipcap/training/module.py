@@ -24,9 +24,9 @@ def _default_optimizer(params) -> torch.optim.Optimizer:
 class CaptionModule(pl.LightningModule):
     """Trains ``captioner`` with ``objective``; the objective is an object, chosen by YAML ``class_path``.
 
-    Checkpoints hold what training changes: the mapper, the LM's weights only if it is trainable, the
-    objective's state, and the optimizer. A frozen LM is reloaded from its pretrained source instead, so a
-    frozen 7B model is never copied into each checkpoint.
+    Checkpoints hold what training changes: the mapper, the LM's weights only if it is trainable (or its
+    LoRA adapters), the objective's state, and the optimizer. A frozen LM (or LoRA's frozen base) is
+    reloaded from its pretrained source instead, so a 7B model is never copied into each checkpoint.
 
     Args:
         captioner: the captioner to train.
@@ -166,11 +166,10 @@ class CaptionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
 
     def _frozen_keys(self) -> set[str]:
-        """State-dict keys of frozen language-model weights, which checkpoints do not store."""
-        if self.captioner.lm.trainable:
-            return set()
+        """State-dict keys of frozen language-model weights (a frozen LM, or the base under LoRA
+        adapters), which checkpoints do not store."""
         prefix = "captioner.lm."
-        return {prefix + key for key in self.captioner.lm.state_dict()}
+        return {prefix + key for key in self.captioner.lm.frozen_state_keys()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self._frozen_keys()
