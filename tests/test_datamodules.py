@@ -482,6 +482,40 @@ def test_data_configs_compose_with_a_training_config(config: Path, corpora, tmp_
     assert cli.datamodule.split(cli.datamodule.predict_split).images
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.mark.parametrize(
+    ("config", "options"),
+    [
+        ("llama2_lora_ce.yaml", []),
+        ("llama2_lora_discritune.yaml", []),
+        ("llama2_lora_gumbel_clip.yaml",
+         ["--data.init_args.labelled_images=2", "--data.init_args.anchor_batch_size=2",
+          "--model.objective.init_args.rollout.max_new_tokens=4"]),
+    ],
+)  # fmt: skip
+def test_llama2_lora_configs_train_a_tiny_llama_on_the_fixture(
+    config: str, options: list[str], corpora, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The LLaMA-2 configs as shipped (fp16 or bf16 weights, LoRA on the family's default targets,
+    checkpointing) on a tiny LLaMA: only the mapper and the adapters train."""
+    cli = fit_shipped_config(
+        f"lightning_configs/coco/{config}", corpora["coco_karpathy"], tmp_path,
+        f"--model.captioner.init_args.language_model.init_args.pretrained={tiny_llama}", *options,
+    )  # fmt: skip
+    assert cli.trainer.state.finished
+    lm = cli.model.captioner.lm
+    assert lm.lora is not None and lm.dtype in (torch.float16, torch.bfloat16)
+    trainable = [name for name, p in cli.model.named_parameters() if p.requires_grad]
+    assert all(".mapper." in f".{name}" or "lora_" in name for name in trainable)
+    assert {name.split(".")[-4] for name in trainable if "lora_A" in name} == {"q_proj", "v_proj"}
+
+
 def test_every_shipped_config_is_exercised() -> None:
     tested = {
         SYNTHETIC_CE,
@@ -492,6 +526,10 @@ def test_every_shipped_config_is_exercised() -> None:
         REPO / "lightning_configs/coco/two_stage_10k_stage2.yaml",
         REPO / "lightning_configs/coco/labels_100.yaml",
         REPO / "lightning_configs/coco/labels_1000.yaml",
+        *(
+            REPO / f"lightning_configs/coco/llama2_lora_{name}.yaml"
+            for name in ("ce", "discritune", "gumbel_clip")
+        ),
         *DATA_CONFIGS,
     }
     synthetic = set((REPO / "lightning_configs" / "synthetic").glob("*.yaml"))  # test_training parses these
