@@ -53,6 +53,7 @@ _EXTRA_COMMANDS = {
     "demo": "clipcap.demo:main",
     "features": "clipcap.training.features:main",
     "caption": "clipcap.training.caption:main",
+    "convert": "clipcap.convert:main",
     "export": "clipcap.export:main",
 }
 

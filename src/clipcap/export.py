@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from jsonargparse import ArgumentParser
 from safetensors.torch import load_file, save_file
 
 from clipcap.captioner import ClipCaptioner
+from clipcap.files import staged_folder
 
 CONFIG_FILE = "captioner.json"
 MAPPER_FILE = "mapper.safetensors"
@@ -68,9 +67,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merged: bool = Fa
     lm = captioner.lm
     if merged and lm.lora is None:
         raise ValueError(f"clipcap export --merged: the LM in {checkpoint} has no LoRA adapters to merge")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         config = copy.deepcopy(config)
         save_file(
             {k: v.contiguous() for k, v in captioner.mapper.state_dict().items()}, staging / MAPPER_FILE
@@ -86,10 +83,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merged: bool = Fa
             merged_model.save_pretrained(staging / "merged_lm")
             lm.tokenizer.save_pretrained(staging / "merged_lm")
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

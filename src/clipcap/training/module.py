@@ -70,12 +70,26 @@ class CaptionModule(pl.LightningModule):
         """Copies the captioner's weights from a checkpoint; every weight it trained must be there.
 
         A checkpoint whose LM was frozen does not store it: the LM then keeps the pretrained weights
-        loaded at construction, which are the ones that checkpoint was trained with.
+        loaded at construction, which are the ones that checkpoint was trained with. An original ClipCap or
+        DiscriTune ``.pt`` (a state dict without Lightning's ``state_dict`` entry) is converted on the fly
+        (:func:`clipcap.convert.load_original_captioner_weights`).
         """
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         except FileNotFoundError:
             raise FileNotFoundError(f"model.init_from: checkpoint {path} does not exist") from None
+        except ModuleNotFoundError:  # pickled classes of another project, e.g. EGG's Checkpoint tuple
+            from clipcap.convert import read_checkpoint
+
+            checkpoint = read_checkpoint(path)
+        if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint):
+            from clipcap.convert import load_original_captioner_weights
+
+            try:
+                load_original_captioner_weights(self.captioner, checkpoint, path)
+            except ValueError as error:
+                raise ValueError(f"model.init_from: {error}") from None
+            return
         prefix = "captioner."
         weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         try:
@@ -84,13 +98,28 @@ class CaptionModule(pl.LightningModule):
             raise ValueError(
                 f"model.init_from={path}: its captioner does not match this one: {error}"
             ) from None
-        if checkpoint.get("clipcap_frozen_lm"):
+        frozen_lm = checkpoint.get("clipcap_frozen_lm")
+        if frozen_lm:
             missing = [key for key in missing if not key.startswith("lm.")]
         if missing or unexpected:
             raise ValueError(
                 f"model.init_from={path}: its captioner does not match this one "
                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
+        # `clipcap convert` checkpoints keep the converted GPT-2 in a folder; another LM would silently
+        # pair the converted mapper with weights it was not trained with.
+        if checkpoint.get("clipcap_converted_from") and frozen_lm:
+            from pathlib import Path
+
+            from clipcap.pretrained import resolve_pretrained
+
+            own_lm = Path(resolve_pretrained(self.captioner.lm.pretrained)).resolve()
+            if own_lm != Path(frozen_lm).resolve():
+                rank_zero_warn(
+                    f"model.init_from={path} was converted from {checkpoint['clipcap_converted_from']} with its "
+                    f"GPT-2 in {frozen_lm}, but this captioner's LM is {self.captioner.lm.pretrained!r}: set "
+                    f"model.captioner.init_args.language_model.init_args.pretrained={frozen_lm}"
+                )
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
