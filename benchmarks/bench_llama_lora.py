@@ -24,8 +24,8 @@ Every row shows ``clipcap.memory.estimate_lora_memory``'s peak beside the measur
 
 The captioner needs a tokenizer but no real one: a word-level tokenizer with one word per id (``w3`` …
 ``w31999``) decodes every id the random LM can produce, and captions of 19 random words are 20 tokens.
-``PrefixLM`` loads from a folder, so the unquantized model is wrapped in memory by ``InMemoryPrefixLM``
-(below), which does what ``PrefixLM.__init__`` does after loading.
+The unquantized model is wrapped in memory with ``PrefixLM.from_model``, which sets it up exactly as
+``PrefixLM.__init__`` sets up a model it has loaded.
 
 Without CUDA and with ``--shape 7b`` nothing is measured: the script prints ``clipcap.memory``'s analytic
 estimate for every combination (float16/bfloat16 × checkpointing × none/8-bit/4-bit × cross-entropy/
@@ -64,7 +64,6 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from torch import nn
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bench_captioner import (
@@ -80,7 +79,7 @@ from clipcap.clip import ClipEncoder
 from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.lm import PrefixLM
-from clipcap.lora import LoraSettings, apply_lora
+from clipcap.lora import LoraSettings
 from clipcap.mapper import MLPMapper
 from clipcap.memory import (
     CARD_BUDGETS,
@@ -163,28 +162,6 @@ def random_llama(config: LlamaConfig, dtype: torch.dtype, device: torch.device) 
     """A randomly initialised LLaMA, its weights created directly in ``dtype`` on ``device``."""
     with torch.device(device):
         return LlamaForCausalLM._from_config(config, dtype=dtype)
-
-
-class InMemoryPrefixLM(PrefixLM):
-    """``PrefixLM`` around a model already in memory: frozen, checkpointed if asked, LoRA-adapted, exactly
-    as ``PrefixLM.__init__`` sets up a model it has loaded (``PrefixLM`` itself only loads from a folder)."""
-
-    def __init__(
-        self,
-        model: LlamaForCausalLM,
-        tokenizer: PreTrainedTokenizerFast,
-        lora: LoraSettings,
-        gradient_checkpointing: bool,
-        name: str,
-    ) -> None:
-        nn.Module.__init__(self)
-        self.pretrained, self.trainable, self.lora, self.quantization = name, False, lora, None
-        self.tokenizer = tokenizer
-        self._takes_logits_to_keep = True
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.requires_grad_(False)
-        self.model = apply_lora(model, lora, name)
 
 
 @dataclass(frozen=True)
@@ -282,7 +259,13 @@ class Bench:
     def language_model(self, dtype: str, checkpointing: bool, quantization: str) -> PrefixLM:
         if quantization == "none":
             model = random_llama(self.shape.lm, DTYPES[dtype], self.device)
-            return InMemoryPrefixLM(model, self.tokenizer, LORA, checkpointing, f"random {self.shape.name}")
+            return PrefixLM.from_model(
+                model,
+                self.tokenizer,
+                f"random {self.shape.name}",
+                gradient_checkpointing=checkpointing,
+                lora=LORA,
+            )
         # bitsandbytes quantizes while loading: save the random model once, load it through PrefixLM.
         if self.saved_folder is None:
             self.saved_folder = self.scratch / "random-llama"

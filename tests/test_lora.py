@@ -227,3 +227,23 @@ def test_conflicting_or_unavailable_options_are_refused(lms) -> None:
     except ImportError:
         with pytest.raises(ValueError, match="needs bitsandbytes"):
             PrefixLM(str(lms["gpt2"]), lora=LoraSettings(), quantization="8bit")
+
+
+def test_an_lm_built_in_memory_is_set_up_as_a_loaded_one(lms) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(lms["llama"])
+    loaded = PrefixLM(folder, lora=LoraSettings(rank=4), gradient_checkpointing=True)
+    built = PrefixLM.from_model(
+        AutoModelForCausalLM.from_pretrained(folder),
+        AutoTokenizer.from_pretrained(folder),
+        lora=LoraSettings(rank=4),
+        gradient_checkpointing=True,
+    )
+    trainable = lambda lm: {n: p.numel() for n, p in lm.named_parameters() if p.requires_grad}  # noqa: E731
+    assert trainable(built) == trainable(loaded)
+    assert built.frozen_state_keys() == loaded.frozen_state_keys()
+    embeds = torch.randn(2, 4, loaded.embed_dim)
+    torch.testing.assert_close(built.eval()(embeds), loaded.eval()(embeds))
+    with pytest.raises(ValueError, match="choose one"):
+        PrefixLM.from_model(built.base_model, built.tokenizer, trainable=True, lora=LoraSettings())

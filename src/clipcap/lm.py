@@ -51,27 +51,53 @@ class PrefixLM(nn.Module):
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"PrefixLM: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        if trainable and lora is not None:
-            raise ValueError(
-                "PrefixLM: trainable=true finetunes every LM weight and lora adds adapters to a frozen base; "
-                "choose one"
-            )
-        if trainable and quantization is not None:
-            raise ValueError("PrefixLM: a quantized base cannot be finetuned; use lora with quantization")
+        _check_options(trainable, lora, quantization)
         path = resolve_pretrained(pretrained)
-        self.pretrained = pretrained
-        self.trainable = trainable
-        self.lora = lora
-        self.quantization = quantization
+        loading = _quantization_kwargs(quantization, _DTYPES[dtype])
         try:
-            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-                path, dtype=_DTYPES[dtype], **_quantization_kwargs(quantization, _DTYPES[dtype])
-            )
-            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **loading)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"PrefixLM: cannot load a causal LM and its tokenizer from pretrained={pretrained!r}: {error}"
             ) from error
+        self._setup(model, tokenizer, pretrained, trainable, gradient_checkpointing, lora, quantization)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str = "in-memory",
+        trainable: bool = False,
+        gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
+    ) -> PrefixLM:
+        """A ``PrefixLM`` around a model already in memory (benchmarks, tests), set up exactly as one loaded
+        from ``pretrained``. It has no source to reload a frozen base from, so checkpoints that leave the
+        frozen weights out cannot be restored from it; ``name`` only labels it."""
+        _check_options(trainable, lora, None)
+        lm = cls.__new__(cls)
+        nn.Module.__init__(lm)
+        lm._setup(model, tokenizer, name, trainable, gradient_checkpointing, lora, None)
+        return lm
+
+    def _setup(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        pretrained: str,
+        trainable: bool,
+        gradient_checkpointing: bool,
+        lora: LoraSettings | None,
+        quantization: str | None,
+    ) -> None:
+        self.pretrained = pretrained
+        self.trainable = trainable
+        self.lora = lora
+        self.quantization = quantization
+        self.model: PreTrainedModel = model
+        self.tokenizer: PreTrainedTokenizerBase = tokenizer
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"PrefixLM: the tokenizer of {pretrained!r} has no EOS token; captions need one")
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -166,6 +192,16 @@ class PrefixLM(nn.Module):
         texts = self.tokenizer.batch_decode([[i] for i in range(vocab_size)])
         special = set(self.tokenizer.all_special_ids)
         return [i for i, text in enumerate(texts) if "." in text and i not in special]
+
+
+def _check_options(trainable: bool, lora: LoraSettings | None, quantization: str | None) -> None:
+    if trainable and lora is not None:
+        raise ValueError(
+            "PrefixLM: trainable=true finetunes every LM weight and lora adds adapters to a frozen base; "
+            "choose one"
+        )
+    if trainable and quantization is not None:
+        raise ValueError("PrefixLM: a quantized base cannot be finetuned; use lora with quantization")
 
 
 def _quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict:
