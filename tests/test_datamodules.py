@@ -530,6 +530,7 @@ def test_every_shipped_config_is_exercised() -> None:
             REPO / f"lightning_configs/coco/llama2_lora_{name}.yaml"
             for name in ("ce", "discritune", "gumbel_clip")
         ),
+        REPO / "lightning_configs/coco/blip_discritune.yaml",  # test_blip trains it on the tiny world
         *DATA_CONFIGS,
     }
     synthetic = set((REPO / "lightning_configs" / "synthetic").glob("*.yaml"))  # test_training parses these

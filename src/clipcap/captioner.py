@@ -1,12 +1,18 @@
 """The captioner: CLIP features → mapper → prefix → causal LM → captions.
 
+``Captioner`` is what objectives, ``CaptionModule`` and the callbacks use of any captioner;
+``ClipCaptioner`` (here) and ``clipcap.blip.BlipCaptioner`` implement it.
+
 Shapes: B images, D_clip CLIP feature size (or (G, D_clip) grid features), P prefix length, T caption
 tokens (EOS included), D LM width, V vocabulary, R captions per image.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +39,26 @@ class CaptionTokens:
     attention_mask: torch.Tensor
     labels: torch.Tensor
 
+    @classmethod
+    def from_rows(
+        cls, rows: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
+    ) -> CaptionTokens:
+        """Right-pads token id rows (each already EOS-terminated, or however the caller wants them).
+
+        Args:
+            rows: B non-empty lists of ids.
+            pad_token_id: the id written on padding (masked, and labelled -100).
+            device: where the tensors go.
+        """
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+            attention_mask[i, : len(row)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return cls(input_ids.to(device), attention_mask.to(device), labels.to(device))
+
 
 @dataclass
 class TeacherForcing:
@@ -49,7 +75,61 @@ class TeacherForcing:
     labels: torch.Tensor
 
 
-class ClipCaptioner(nn.Module):
+class Captioner(nn.Module, ABC):
+    """What objectives, ``CaptionModule`` and the callbacks use of a captioner.
+
+    ``clip_features`` below are the image features the data serves (``batch.clip_features``): (B, D_clip)
+    pooled or (B, G, D_clip) grid, from whichever frozen image encoder the features were cached with.
+
+    Attributes:
+        lm: the language model that writes the captions, an ``nn.Module`` with ``tokenizer``,
+            ``eos_token_id`` (the stop), ``pad_token_id``, ``period_token_ids`` (see
+            :func:`clipcap.generation.stop_token_ids`), ``trainable``, ``trains``, ``pretrained`` and
+            ``frozen_state_keys()``: ``CaptionModule`` leaves those weights out of checkpoints and reloads
+            them from ``pretrained``.
+        clip_dim: the image feature size (D_clip) the captioner reads; checked against the data's.
+    """
+
+    lm: nn.Module
+    clip_dim: int
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of the captions (``lm``'s)."""
+        return self.lm.tokenizer
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where the trained weights are."""
+
+    @abstractmethod
+    def encode_captions(self, captions: list[str]) -> CaptionTokens:
+        """Tokenizes target captions: EOS-terminated, padded, -100 labels on padding."""
+
+    @abstractmethod
+    def forward(self, clip_features: torch.Tensor, captions: CaptionTokens) -> TeacherForcing:
+        """Teacher forcing: ``logits[:, t]`` predicts caption token t given the image and tokens < t."""
+
+    @abstractmethod
+    def generate_ids(
+        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None
+    ) -> list[list[int]]:
+        """Decodes caption token ids, B·R lists (image-major), each cut after its stop
+        (:func:`clipcap.generation.cut_at_stop`): EOS is dropped, a "." stop is kept."""
+
+    def generate(
+        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None
+    ) -> list[list[str]]:
+        """Decodes captions: B lists of R strings."""
+        decoding = decoding or DecodingConfig()
+        ids = self.generate_ids(clip_features, decoding)
+        texts = [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        per_image = decoding.num_return_sequences
+        return [texts[i : i + per_image] for i in range(0, len(texts), per_image)]
+
+
+class ClipCaptioner(Captioner):
     """Mapper + prefix LM + the LM's tokenizer.
 
     Args:
@@ -81,10 +161,6 @@ class ClipCaptioner(nn.Module):
         self.normalize_clip_features = normalize_clip_features
 
     @property
-    def tokenizer(self):
-        return self.lm.tokenizer
-
-    @property
     def prefix_length(self) -> int:
         return self.mapper.prefix_length
 
@@ -107,17 +183,9 @@ class ClipCaptioner(nn.Module):
     def encode_captions(self, captions: list[str]) -> CaptionTokens:
         """Tokenizes target captions: no BOS, EOS appended, cut to ``max_caption_tokens``, padded."""
         encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-        eos, pad = self.lm.eos_token_id, self.lm.pad_token_id
+        eos = self.lm.eos_token_id
         rows = [ids[: self.max_caption_tokens - 1] + [eos] for ids in encoded]
-        length = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        device = self.device
-        return CaptionTokens(input_ids.to(device), attention_mask.to(device), labels.to(device))
+        return CaptionTokens.from_rows(rows, self.lm.pad_token_id, self.device)
 
     def forward(self, clip_features: torch.Tensor, captions: CaptionTokens) -> TeacherForcing:
         """Teacher forcing: logits for every caption token given the prefix and the tokens before it."""
@@ -153,13 +221,3 @@ class ClipCaptioner(nn.Module):
         finally:
             self.train(was_training)
         return cut_at_stop(generated, self.lm.eos_token_id, stops)
-
-    def generate(
-        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None
-    ) -> list[list[str]]:
-        """Decodes captions: B lists of R strings."""
-        decoding = decoding or DecodingConfig()
-        ids = self.generate_ids(clip_features, decoding)
-        texts = [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        per_image = decoding.num_return_sequences
-        return [texts[i : i + per_image] for i in range(0, len(texts), per_image)]

@@ -26,3 +26,21 @@ def resolve_pretrained(name: str) -> str:
     if not folder.is_dir():
         raise FileNotFoundError(f"{name!r}: the synthetic world has no part {part!r} (looked in {folder})")
     return str(folder)
+
+
+def checkpoint_model_type(name: str) -> str | None:
+    """The ``model_type`` of a checkpoint's ``config.json`` (``"clip"``, ``"blip"``, ...), or None when the
+    config cannot be read (a name that is not downloaded, a typo): callers then load as usual and let
+    ``from_pretrained`` report the problem.
+
+    Args:
+        name: a Hugging Face name, a local folder, or ``synthetic:<part>``.
+    """
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(resolve_pretrained(name))
+    except (OSError, ValueError):
+        return None
+    model_type = config.get("model_type")
+    return str(model_type) if model_type is not None else None

@@ -16,7 +16,7 @@ from transformers import CLIPModel
 
 from clipcap.clip.preprocess import ClipImagePreprocessor
 from clipcap.clip.tokenizer import CONTEXT_LENGTH, ClipTokenizer, load_clip_tokenizer
-from clipcap.pretrained import resolve_pretrained
+from clipcap.pretrained import checkpoint_model_type, resolve_pretrained
 
 # Parameters hashed by ClipEncoder.fingerprint: the ends of the vision tower and its projection. Any
 # retraining or fine-tuning changes them, and together they are small enough to hash in milliseconds
@@ -54,6 +54,16 @@ class ClipEncoder(torch.nn.Module):
     def __init__(self, pretrained: str, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         path = resolve_pretrained(pretrained)
+        model_type = checkpoint_model_type(path)
+        if model_type not in (None, "clip"):
+            # Without this, CLIPModel.from_pretrained prints a long weight report and then fails obscurely.
+            raise ValueError(
+                f"{pretrained!r} is a {model_type!r} checkpoint, not a CLIP: only a CLIP reads captions. "
+                "When the data's features come from another image encoder (a BLIP captioner's), name a "
+                "CLIP, with its own feature caches, wherever captions are read: DiscriTune's receiver_clip "
+                "and receiver_features_dir, CaptionEvaluation's scoring_clip and scoring_features_dir "
+                "(see docs/blip.md)"
+            )
         model = CLIPModel.from_pretrained(path, dtype=dtype)
         preprocess = ClipImagePreprocessor.from_pretrained(
             path, default_image_size=model.config.vision_config.image_size

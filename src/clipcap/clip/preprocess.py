@@ -160,6 +160,13 @@ class ClipImagePreprocessor:
         path.write_text(json.dumps(self.to_hf_config(), indent=2) + "\n", encoding="utf-8")
         return path
 
+    def resized_pixels(self, width: int, height: int) -> int:
+        """Pixels of an image of this size once its short side is resized (before the crop): extraction
+        refuses images whose resize would exceed its pixel limit (a 1x20000 strip would become
+        224x4,480,000)."""
+        short, long = sorted((width, height))
+        return self.resize_shortest_edge * int(self.resize_shortest_edge * long / short)
+
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
         """Preprocesses one image.
 

@@ -1,5 +1,8 @@
 """Extraction of frozen-CLIP image features into a :class:`~clipcap.features.cache.FeatureCache`.
 
+The encoder is any :class:`~clipcap.features.encoders.ImageEncoder`: a CLIP, or BLIP's vision encoder for a
+BLIP captioner (:func:`~clipcap.features.encoders.load_image_encoder` picks it by the checkpoint).
+
 :func:`extract_entries` encodes each image of a split once, in batches, with images read and preprocessed
 in DataLoader workers. It is built to run for hours over millions of images:
 
@@ -48,8 +51,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import clipcap
-from clipcap.clip.encoder import ClipEncoder
-from clipcap.clip.preprocess import ClipImagePreprocessor
 from clipcap.data.images import DEFAULT_MAX_PIXELS, ImageReadError, close_shards, load_image
 from clipcap.data.records import ImageEntry
 from clipcap.features.cache import (
@@ -59,6 +60,7 @@ from clipcap.features.cache import (
     RowBlocks,
     validate_image_ids,
 )
+from clipcap.features.encoders import ImageEncoder, ImagePreprocessor
 from clipcap.files import atomic_save_npy, atomic_write_json
 
 __all__ = [
@@ -120,7 +122,7 @@ class ExtractionReport:
 
 
 def cache_expectation(
-    encoder: ClipEncoder, dataset: str | None = None, split: str | None = None
+    encoder: ImageEncoder, dataset: str | None = None, split: str | None = None
 ) -> dict[str, Any]:
     """What a feature cache must record to be usable with ``encoder``, for ``FeatureCache.open(expect=)``.
 
@@ -144,7 +146,7 @@ def partial_folder(folder: str | os.PathLike[str]) -> Path:
 
 
 def extract_entries(
-    encoder: ClipEncoder,
+    encoder: ImageEncoder,
     entries: Sequence[ImageEntry],
     folder: str | os.PathLike[str],
     dataset: str,
@@ -180,7 +182,7 @@ def extract_entries(
         split: split recorded in the cache.
         batch_size: images per chunk and forward pass (part of the manifest: keep it when resuming).
         num_workers: DataLoader worker processes reading and preprocessing images (0: this process).
-        grid: also store (G, D) grid features (:meth:`ClipEncoder.encode_images_and_grid`).
+        grid: also store (G, D) grid features (``encoder.encode_images_and_grid``).
         shard: ``(k, n)``: do only chunks ``c`` with ``c % n == k``; None does all of them.
         progress: show a progress bar.
         max_pixels: skip images with more pixels (decompression bombs); None disables the check.
@@ -297,7 +299,7 @@ def extract_entries(
 
 
 def extract_features(
-    encoder: ClipEncoder,
+    encoder: ImageEncoder,
     image_paths: Sequence[str | os.PathLike[str]],
     image_ids: Sequence[str],
     folder: str | os.PathLike[str],
@@ -423,7 +425,7 @@ class _ChunkDataset(Dataset):
         sources: list[tuple[str, str]],
         chunks: list[int],
         batch_size: int,
-        preprocess: ClipImagePreprocessor,
+        preprocess: ImagePreprocessor,
         max_pixels: int | None,
     ) -> None:
         self.sources = sources
@@ -457,13 +459,10 @@ class _ChunkDataset(Dataset):
 
     def _read(self, source: str, image_id: str) -> np.ndarray:
         image = load_image(source, image_id, max_pixels=self.max_pixels)
-        short, long = sorted(image.size)
-        if short == 0:
+        if min(image.size) == 0:
             raise ImageReadError(source, image_id, "empty image (0 pixels)")
-        # A 1x20000 strip would be resized to 224x4,480,000 before cropping; refuse it like a bomb.
-        resized = self.preprocess.resize_shortest_edge * int(
-            self.preprocess.resize_shortest_edge * long / short
-        )
+        # A 1x20000 strip would be resized to 224x4,480,000 before CLIP's crop; refuse it like a bomb.
+        resized = self.preprocess.resized_pixels(image.width, image.height)
         if self.max_pixels is not None and resized > self.max_pixels:
             raise ImageReadError(
                 source,
@@ -486,7 +485,7 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _manifest(
-    encoder: ClipEncoder,
+    encoder: ImageEncoder,
     ids: list[str],
     dataset: str,
     split: str,
@@ -573,7 +572,7 @@ def _done_chunks(partial: Path) -> set[int]:
 
 
 def _encode_and_save_chunk(
-    encoder: ClipEncoder, partial: Path, digest: str, item: dict[str, Any], grid: bool, grid_dtype: str
+    encoder: ImageEncoder, partial: Path, digest: str, item: dict[str, Any], grid: bool, grid_dtype: str
 ) -> None:
     pixels = item["pixels"]
     grid_features = None
@@ -615,7 +614,7 @@ def _assemble_or_find(
     folder: Path,
     partial: Path,
     manifest: dict[str, Any],
-    encoder: ClipEncoder,
+    encoder: ImageEncoder,
     chunk_count: int,
     grid: bool,
     grid_dtype: str,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from clipcap.captioner import ClipCaptioner
+from clipcap.captioner import Captioner
 from clipcap.data.batch import CaptionBatch
 
 
@@ -43,5 +43,5 @@ class Objective(nn.Module, ABC):
         load it here. The default does nothing."""
 
     @abstractmethod
-    def forward(self, captioner: ClipCaptioner, batch: CaptionBatch) -> ObjectiveOutput:
+    def forward(self, captioner: Captioner, batch: CaptionBatch) -> ObjectiveOutput:
         """Computes the loss of ``captioner`` on ``batch``."""

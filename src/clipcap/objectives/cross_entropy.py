@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clipcap.captioner import ClipCaptioner
+from clipcap.captioner import Captioner
 from clipcap.data.batch import CaptionBatch
 from clipcap.objectives.base import Objective, ObjectiveOutput
 
@@ -45,7 +45,7 @@ class CrossEntropy(Objective):
             raise ValueError(f"CrossEntropy: label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
-    def forward(self, captioner: ClipCaptioner, batch: CaptionBatch) -> ObjectiveOutput:
+    def forward(self, captioner: Captioner, batch: CaptionBatch) -> ObjectiveOutput:
         if batch.captions is None:
             raise ValueError("CrossEntropy needs target captions, but the batch has none (unlabelled data?)")
         tokens = captioner.encode_captions(batch.captions)

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipcap.captioner import CaptionTokens, ClipCaptioner
+from clipcap.captioner import Captioner, CaptionTokens
 from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.objectives.base import Objective, ObjectiveOutput
-from clipcap.objectives.reference import reference_lm, start_token_id
+from clipcap.objectives.reference import check_reference_lm, reference_lm, start_token_id
 from clipcap.objectives.rewards import (
     Baseline,
     CumulativeMeanBaseline,
@@ -55,7 +55,8 @@ class DiscriTune(Objective):
             the caption with its image (False, the paper's appendix comparison).
         receiver_clip: the CLIP that reads the captions; the data's ``clip_model`` when None. When it is
             another CLIP than the features' (e.g. a ViT-L/14 receiver for a captioner fed ViT-B/32
-            features), its image embeddings come from ``receiver_features_dir``.
+            features, or any CLIP for a BLIP captioner, whose features are BLIP's), its image embeddings
+            come from ``receiver_features_dir``.
         receiver_features_dir: feature caches made with ``receiver_clip``, one folder per split as
             ``clipcap features`` writes them (run it with ``--data.init_args.clip_model=<receiver>
             --data.init_args.features_dir=<this folder>``); needed only when the receiver differs from the
@@ -67,7 +68,7 @@ class DiscriTune(Objective):
             becomes ``R − β · KL``, KL estimated on the caption's own tokens as the mean of
             ``log π(token | prefix) − log p_LM(token)`` with p_LM the frozen LM without the prefix (the
             pretrained LM, reloaded frozen when the captioner's LM is trained), which keeps captions close
-            to fluent language.
+            to fluent language. A ``ClipCaptioner`` only: BLIP's decoder has no un-prefixed LM (refused).
         hard_negatives: extra distractors per caption (H), the CLIP nearest neighbours of its image among
             the training split's cached features, on top of the in-batch ones (0 is off, the paper's).
         duplicate_threshold: neighbours at least this cosine-similar to the image are near-duplicates and
@@ -218,7 +219,9 @@ class DiscriTune(Objective):
             rows.append(torch.from_numpy(np.asarray(cache.get(image_id), dtype=np.float32)))
         return torch.stack(rows).to(batch.clip_features.device)
 
-    def forward(self, captioner: ClipCaptioner, batch: CaptionBatch) -> ObjectiveOutput:
+    def forward(self, captioner: Captioner, batch: CaptionBatch) -> ObjectiveOutput:
+        if self.kl_coefficient > 0:  # before the rollout: a BLIP captioner has no un-prefixed LM
+            check_reference_lm(captioner, "DiscriTune: kl_coefficient > 0")
         features = batch.clip_features  # the captioner's input
         images = self.receiver_image_features(batch)  # what the receiver compares captions with
         if images.dim() != 2:
@@ -305,7 +308,7 @@ class DiscriTune(Objective):
         )
 
     def _unprefixed_log_probs(
-        self, captioner: ClipCaptioner, tokens: CaptionTokens, lengths: torch.Tensor
+        self, captioner: Captioner, tokens: CaptionTokens, lengths: torch.Tensor
     ) -> torch.Tensor:
         """log p_LM of each caption (same tokens and normalisation as log π) under the frozen LM, given
         only a start token instead of the image prefix."""
@@ -342,7 +345,7 @@ class DiscriTune(Objective):
         return cosine_reward(text_embeds, candidates, targets)
 
     @staticmethod
-    def _texts(captioner: ClipCaptioner, caption_ids: list[list[int]]) -> list[str]:
+    def _texts(captioner: Captioner, caption_ids: list[list[int]]) -> list[str]:
         return [
             text.strip() for text in captioner.tokenizer.batch_decode(caption_ids, skip_special_tokens=True)
         ]
@@ -376,7 +379,7 @@ class DiscriTune(Objective):
 
     @staticmethod
     def _caption_tokens(
-        captioner: ClipCaptioner, caption_ids: list[list[int]]
+        captioner: Captioner, caption_ids: list[list[int]]
     ) -> tuple[CaptionTokens, torch.Tensor]:
         """The rollout's captions as teacher-forcing input, and their lengths (tokens before the stop).
 

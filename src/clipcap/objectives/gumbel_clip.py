@@ -6,6 +6,9 @@ Each step rolls out a caption per image with Gumbel-softmax samples over the LM'
 batch's cached features), t the caption's. Gradients flow through the straight-through samples into the
 LM (when trained) and the mapper.
 
+It trains a ``ClipCaptioner`` only: a BLIP captioner (:mod:`clipcap.blip`) is refused at setup and at
+the first step, see :data:`NOT_FOR_BLIP`.
+
 Legend for shapes: B images, D CLIP embedding size, L rollout steps, V the LM's vocabulary.
 """
 
@@ -17,14 +20,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clipcap.captioner import ClipCaptioner
+from clipcap.captioner import Captioner, ClipCaptioner
 from clipcap.data.batch import CaptionBatch
 from clipcap.gumbel import GumbelRollout, SoftCaption, gumbel_rollout
 from clipcap.objectives.base import Objective, ObjectiveOutput
 from clipcap.objectives.cross_entropy import CrossEntropy
 from clipcap.objectives.reference import reference_lm, start_token_id
+from clipcap.pretrained import checkpoint_model_type
 
 logger = logging.getLogger(__name__)
+
+NOT_FOR_BLIP = (
+    "GumbelClip trains a ClipCaptioner only: a BLIP captioner would need three pieces that do not exist "
+    "here: the images' CLIP embeddings (a BLIP batch carries BLIP's own vision features), a Gumbel rollout "
+    "through BLIP's decoder (gumbel_rollout feeds soft embeddings after a mapper prefix to a causal LM, "
+    "while BLIP's decoder starts from [DEC] and cross-attends to the image) and a bridge from BERT's "
+    "WordPiece vocabulary to CLIP's BPE (the bridge reads byte-level and SentencePiece vocabularies). "
+    "Train BLIP with CrossEntropy or DiscriTune (docs/blip.md)"
+)
+"""Why ``GumbelClip`` refuses a BLIP captioner."""
 
 
 class GumbelClip(Objective):
@@ -91,6 +105,8 @@ class GumbelClip(Objective):
     # CLIP and the bridge are frozen and large: kept out of the module tree like DiscriTune's receiver.
     def setup(self, datamodule: object | None) -> None:
         data_clip = getattr(datamodule, "clip_model", None)
+        if data_clip is not None and checkpoint_model_type(data_clip) not in (None, "clip"):
+            raise ValueError(f"{NOT_FOR_BLIP}; the data's features come from {data_clip!r}")
         if self.clip_model is not None and data_clip is not None and self.clip_model != data_clip:
             raise ValueError(
                 f"GumbelClip: clip_model={self.clip_model!r} differs from the features' CLIP {data_clip!r}; "
@@ -127,7 +143,9 @@ class GumbelClip(Objective):
             text.to(captioner.device)
         return text
 
-    def forward(self, captioner: ClipCaptioner, batch: CaptionBatch) -> ObjectiveOutput:
+    def forward(self, captioner: Captioner, batch: CaptionBatch) -> ObjectiveOutput:
+        if not isinstance(captioner, ClipCaptioner):
+            raise TypeError(f"{NOT_FOR_BLIP}; got a {type(captioner).__name__}")
         images = batch.clip_features
         if images.dim() != 2:
             raise ValueError(

@@ -7,18 +7,39 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipcap.captioner import ClipCaptioner
+from clipcap.captioner import Captioner
 from clipcap.lm import PrefixLM
 
 
-def reference_lm(owner: nn.Module, captioner: ClipCaptioner) -> PrefixLM:
+def check_reference_lm(captioner: Captioner, owner: str) -> None:
+    """Raises unless the captioner has an un-prefixed LM to compare with: a ``PrefixLM`` (GPT-2, LLaMA...)
+    is a language model with or without the image prefix; BLIP's text decoder has no such reference, since
+    it was only ever trained cross-attending to an image.
+
+    Args:
+        captioner: the captioner being trained.
+        owner: who asks, for the message (e.g. ``"DiscriTune: kl_coefficient > 0"``).
+    """
+    if not isinstance(captioner.lm, PrefixLM):
+        raise ValueError(
+            f"{owner} needs the captioner's language model without its image prefix as the KL reference, "
+            f"which {type(captioner).__name__} does not have ({type(captioner.lm).__name__} was trained "
+            "only with an image to attend to: without one it is no language model); set kl_coefficient to 0"
+        )
+
+
+def reference_lm(owner: nn.Module, captioner: Captioner) -> PrefixLM:
     """The pretrained LM, frozen: the captioner's own LM when it is frozen (its weights never move), the
     same LM with its adapters switched off under LoRA (no second copy of a 7B base), else a second copy
     loaded from the same pretrained source once and kept on ``owner``.
 
     The copy is stored in ``owner.__dict__``, outside the module tree, so checkpoints never carry it and
     optimizers never see it; it follows the captioner's device.
+
+    Raises:
+        ValueError: the captioner's LM is not a ``PrefixLM`` (:func:`check_reference_lm`).
     """
+    check_reference_lm(captioner, type(owner).__name__)
     if not captioner.lm.trains:
         return captioner.lm
     if captioner.lm.lora is not None:

@@ -40,8 +40,8 @@ def caption_images(
     """
     from dataclasses import replace
 
-    from clipcap.clip.encoder import ClipEncoder
     from clipcap.data.images import load_image
+    from clipcap.features.encoders import load_image_encoder
     from clipcap.metrics.clip_scores import clip_score as clip_score_of
     from clipcap.training.module import CaptionModule
 
@@ -54,7 +54,12 @@ def caption_images(
         )
     module = CaptionModule.load_from_checkpoint(checkpoint_path, map_location=device, weights_only=False)
     module.eval()
-    encoder = ClipEncoder(clip_name).to(device)
+    encoder = load_image_encoder(clip_name).to(device)  # BLIP's vision encoder for a BLIP captioner
+    if clip_score and not hasattr(encoder, "encode_text"):
+        raise ValueError(
+            f"--clip_score needs a CLIP to read the captions, and {clip_name!r} is not one (a BLIP "
+            "captioner's image encoder has no text tower)"
+        )
     if encoder.dim != module.captioner.clip_dim:
         raise ValueError(
             f"CLIP {clip_name!r} gives {encoder.dim}-d features but the checkpoint's mapper takes "
@@ -71,8 +76,11 @@ def caption_images(
             else:
                 pooled = features = encoder.encode_images(pixels)
             captions = [texts[0] for texts in module.captioner.generate(features, decoding)]
-            scores = clip_score_of(pooled, encoder.encode_text([f"A photo depicts {c}" for c in captions]))
-        for path, caption, score in zip(paths, captions, scores.tolist(), strict=True):
+            scores: list[float | None] = [None] * len(captions)
+            if clip_score:  # only then: a BLIP captioner's encoder cannot score
+                prompted = [f"A photo depicts {c}" for c in captions]
+                scores = clip_score_of(pooled, encoder.encode_text(prompted)).tolist()
+        for path, caption, score in zip(paths, captions, scores, strict=True):
             row: dict[str, Any] = {"image": path, "caption": caption}
             if clip_score:
                 row["clip_score"] = score

@@ -38,7 +38,7 @@ from clipcap.data.subsets import labelled_subset, unlabelled_pool
 from clipcap.features.cache import META_FILE, FeatureCache
 
 if TYPE_CHECKING:
-    from clipcap.clip.encoder import ClipEncoder
+    from clipcap.features.encoders import ImageEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,9 @@ class CaptionDataModule(pl.LightningDataModule):
         features_dir: the folder holding one feature cache per split.
         clip_model: the CLIP the features are extracted with (a Hugging Face name, a local folder or
             ``synthetic:clip``); ``clipcap features`` uses it, and when set, caches made with another CLIP
-            or preprocessing are refused. None skips that check (the cache's own record is trusted).
+            or preprocessing are refused. None skips that check (the cache's own record is trusted). A BLIP
+            captioning checkpoint names BLIP's vision encoder instead, for ``clipcap.blip.BlipCaptioner``
+            (see docs/blip.md).
         batch_size: training batch size (pairs, or images when ``unlabelled``).
         eval_batch_size: images per validation/test/predict batch; ``batch_size`` when None.
         num_workers: dataloader worker processes.
@@ -142,7 +144,7 @@ class CaptionDataModule(pl.LightningDataModule):
             None), drawn in their own shuffled cycle: the cross-entropy anchor of ``GumbelClip``
             (``batch.anchor``). 0 serves none.
         grid_features: serve the cached (G, D) patch-token features instead of the pooled embedding (for
-            the Transformer mapper; extract them with ``clipcap features --grid``).
+            the Transformer mapper, and always for BLIP; extract them with ``clipcap features --grid``).
     """
 
     dataset_name: str = "captions"
@@ -222,13 +224,14 @@ class CaptionDataModule(pl.LightningDataModule):
         return self.annotations(split).entries
 
     @cached_property
-    def clip_encoder(self) -> ClipEncoder:
-        """The CLIP named by ``clip_model``, loaded once (extraction, and checking caches)."""
-        from clipcap.clip.encoder import ClipEncoder
+    def clip_encoder(self) -> ImageEncoder:
+        """The image encoder named by ``clip_model`` (a CLIP, or a BLIP checkpoint's vision encoder),
+        loaded once (extraction, and checking caches)."""
+        from clipcap.features.encoders import load_image_encoder
 
         if self.clip_model is None:
             raise ValueError(f"{type(self).__name__}: data.init_args.clip_model is not set")
-        return ClipEncoder(self.clip_model)
+        return load_image_encoder(self.clip_model)
 
     def cache_expectation(self, split: str) -> dict[str, Any]:
         """What a split's cache must record: this dataset and split, and this CLIP when ``clip_model``."""

@@ -10,6 +10,9 @@ Each image is encoded once, however many captions it has. Extraction is batched,
 command again after an interruption and it continues where it stopped) and shardable (``--shard K/N`` in N
 processes or on N GPUs; the last one to finish assembles the cache). It ends by writing ``summary.json`` in
 ``features_dir``: per split, the images, captions, dropped empty captions and skipped files with reasons.
+
+When ``clip_model`` names a BLIP captioning checkpoint, the features are its frozen vision encoder's, for
+``clipcap.blip.BlipCaptioner`` (``--grid`` is then required; see docs/blip.md).
 """
 
 from __future__ import annotations
@@ -101,7 +104,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="autocast precision of the CLIP forward pass (weights stay float32, so the cache's CLIP "
         "fingerprint matches the one training checks)",
     )
-    parser.add_argument("--grid", action="store_true", help="also cache the (G, D) patch-token features")
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="also cache the (G, D) patch-token features (needed by a BLIP captioner: its vision sequence)",
+    )
+    parser.add_argument(
+        "--grid_dtype",
+        default="float32",
+        choices=["float32", "float16"],
+        help="storage of the grid features; float16 halves the cache (BLIP-base: 577x768 values an image)",
+    )
     parser.add_argument(
         "--shard",
         default=None,
@@ -126,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _extract(args: argparse.Namespace, overrides: list[str], shard: tuple[int, int] | None) -> dict[str, Any]:
-    from clipcap.clip.encoder import ClipEncoder
+    from clipcap.blip.encoder import BlipImageEncoder
+    from clipcap.features.encoders import load_image_encoder
     from clipcap.features.extract import extract_entries, write_summary
 
     datamodule = build_datamodule(args.config, overrides)
@@ -146,7 +160,13 @@ def _extract(args: argparse.Namespace, overrides: list[str], shard: tuple[int, i
     device = args.device
     if device is None:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    encoder = ClipEncoder(clip_name).to(device)
+    encoder = load_image_encoder(clip_name)  # a CLIP, or BLIP's vision encoder for a BLIP checkpoint
+    if isinstance(encoder, BlipImageEncoder) and not args.grid:
+        raise SystemExit(
+            f"clipcap features: {clip_name} is a BLIP checkpoint, whose text decoder reads its vision "
+            "encoder's whole output sequence: pass --grid (and --grid_dtype float16 to halve the cache)"
+        )
+    encoder = encoder.to(device)
     precision = _DTYPES[args.dtype]
     autocast = (
         torch.autocast(device_type=torch.device(device).type, dtype=precision)
@@ -169,6 +189,7 @@ def _extract(args: argparse.Namespace, overrides: list[str], shard: tuple[int, i
                 batch_size=args.batch_size,
                 num_workers=args.num_workers,
                 grid=args.grid,
+                grid_dtype=args.grid_dtype,
                 shard=shard,
                 progress=not args.no_progress,
                 max_pixels=args.max_pixels or None,

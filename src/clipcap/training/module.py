@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_warn
 
-from clipcap.captioner import ClipCaptioner
+from clipcap.captioner import Captioner
 from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.objectives.base import Objective
@@ -29,7 +29,7 @@ class CaptionModule(pl.LightningModule):
     reloaded from its pretrained source instead, so a 7B model is never copied into each checkpoint.
 
     Args:
-        captioner: the captioner to train.
+        captioner: the captioner to train (``ClipCaptioner``, ``clipcap.blip.BlipCaptioner``).
         objective: the training objective (``CrossEntropy``, ...).
         optimizer: builds the optimizer from the trainable parameters (AdamW, lr 2e-5 by default).
         lr_scheduler: optional, builds a scheduler from the optimizer.
@@ -41,7 +41,7 @@ class CaptionModule(pl.LightningModule):
 
     def __init__(
         self,
-        captioner: ClipCaptioner,
+        captioner: Captioner,
         objective: Objective,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,

@@ -1,0 +1,185 @@
+"""BLIP image preprocessing with PIL and NumPy, matching ``transformers.BlipImageProcessorPil`` numerically.
+
+BLIP resizes the whole image to a square (no aspect-preserving resize, no crop) with bicubic PIL
+resampling, then scales to [0, 1] and normalises with openai CLIP's mean and std. The steps keep the
+reference's dtypes and rounding (as :mod:`clipcap.clip.preprocess` does for CLIP), so pixels agree exactly.
+
+Legend for shapes: B = batch size, S = the square side (the BLIP vision input size, 384 for the released
+captioning checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipcap.clip.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PREPROCESSOR_CONFIG,
+    _convert_to_rgb,
+    _find_preprocessor_config,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlipImagePreprocessor:
+    """Turns PIL images into BLIP's normalised pixel tensors.
+
+    Frozen because its :meth:`to_dict` is recorded in feature caches and must describe what ran. The
+    interface is :class:`clipcap.clip.preprocess.ClipImagePreprocessor`'s, which feature extraction uses.
+    """
+
+    image_size: int = 384
+    """Side of the square every image is resized to (S)."""
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    """Per-channel mean subtracted after scaling to [0, 1]."""
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    """Per-channel standard deviation divided out after subtracting the mean."""
+    resample: int = int(Image.Resampling.BICUBIC)
+    """PIL resampling filter of the resize (3 = bicubic, BLIP's)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(value) for value in self.mean))
+        object.__setattr__(self, "std", tuple(float(value) for value in self.std))
+        object.__setattr__(self, "resample", int(self.resample))
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+
+    @classmethod
+    def from_pretrained(
+        cls, folder_or_name: str | os.PathLike[str], default_image_size: int | None = None
+    ) -> BlipImagePreprocessor:
+        """Reads ``preprocessor_config.json`` from a BLIP folder or Hugging Face name.
+
+        Args:
+            folder_or_name: local folder, or a Hugging Face name (looked up through the HF cache).
+            default_image_size: the side to use when there is no preprocessor config, e.g. the vision
+                model's ``image_size``; 384 if None.
+
+        Raises:
+            ValueError: the config asks for something else than a square resize (a crop, an
+                aspect-preserving resize, no normalisation...).
+        """
+        config_path = _find_preprocessor_config(folder_or_name)
+        if config_path is None:
+            size = default_image_size or cls.image_size
+            logger.warning(
+                "%s has no %s; using BLIP's default preprocessing at %d px",
+                folder_or_name,
+                PREPROCESSOR_CONFIG,
+                size,
+            )
+            return cls(image_size=size)
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        return cls.from_config_dict(config, source=str(config_path))
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> BlipImagePreprocessor:
+        """Builds a preprocessor from the contents of a Hugging Face ``preprocessor_config.json``."""
+        defaults = cls()
+        size = config.get("size", {"height": defaults.image_size, "width": defaults.image_size})
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        if "height" not in size or "width" not in size or size["height"] != size["width"]:
+            raise ValueError(f"{source}: size {size} is not the square resize BLIP uses")
+        if config.get("do_center_crop", False):
+            raise ValueError(f"{source}: do_center_crop=true is not BLIP's preprocessing")
+        for flag in ("do_resize", "do_rescale", "do_normalize"):
+            if config.get(flag, True) is False:
+                raise ValueError(f"{source}: {flag}=false is not supported; BLIP preprocessing does it")
+        rescale_factor = config.get("rescale_factor", 1 / 255)
+        if not np.isclose(rescale_factor, 1 / 255):
+            raise ValueError(f"{source}: rescale_factor {rescale_factor} is not 1/255")
+        return cls(
+            image_size=int(size["height"]),
+            mean=tuple(config.get("image_mean", defaults.mean)),  # type: ignore[arg-type]
+            std=tuple(config.get("image_std", defaults.std)),  # type: ignore[arg-type]
+            resample=int(config.get("resample", defaults.resample)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, recorded in feature caches and compared when they are opened."""
+        return {
+            "resize": "square",
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resample": self.resample,
+        }
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The same settings as a ``preprocessor_config.json`` that ``BlipImageProcessor`` reads."""
+        return {
+            "image_processor_type": "BlipImageProcessor",
+            "do_resize": True,
+            "size": {"height": self.image_size, "width": self.image_size},
+            "resample": self.resample,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_convert_rgb": True,
+        }
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Writes :meth:`to_hf_config` as ``folder/preprocessor_config.json`` and returns its path."""
+        path = Path(folder) / PREPROCESSOR_CONFIG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_hf_config(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def resized_pixels(self, width: int, height: int) -> int:
+        """Pixels of an image of this size once resized (S², whatever its shape): extraction refuses
+        images whose resize would exceed its pixel limit."""
+        return self.image_size * self.image_size
+
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """Preprocesses one image.
+
+        Args:
+            image: any PIL image (RGB, RGBA, L, P, ...).
+
+        Returns:
+            (3, S, S) float32 normalised pixels.
+        """
+        rgb = _convert_to_rgb(image)
+        size = (self.image_size, self.image_size)
+        if rgb.size != size:
+            rgb = rgb.resize(size, resample=self.resample)
+        # float64 scaling, then float32 normalisation: transformers' rescale/normalize, bit for bit.
+        scaled = (np.asarray(rgb).astype(np.float64) * (1 / 255)).astype(np.float32)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        normalised = (scaled - mean) / std
+        return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocesses a batch of images.
+
+        Args:
+            images: B PIL images of any size and mode.
+
+        Returns:
+            (B, 3, S, S) float32 pixel values for BLIP's vision model.
+        """
+        if isinstance(images, Image.Image):
+            raise TypeError("BlipImagePreprocessor expects a list of images, not a single image")
+        if not images:
+            return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.float32)
+        return torch.from_numpy(np.stack([self.preprocess_image(image) for image in images]))
