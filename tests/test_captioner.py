@@ -83,7 +83,7 @@ def test_long_captions_are_cut_to_the_cap_and_keep_eos(gpt2_folder: Path) -> Non
 
 def test_loss_counts_eos_and_tokens_equal_to_pad_id(gpt2_folder: Path) -> None:
     """The loss equals a hand-computed sum over exactly the real tokens, EOS included."""
-    captioner = make_captioner(gpt2_folder)
+    captioner = make_captioner(gpt2_folder).eval()  # no dropout: the two computations must agree
     captions = ["look, a red star!", "a circle"]
     features = torch.randn(2, CLIP_DIM)
     loss = CrossEntropy()(captioner, CaptionBatch(["a", "b"], features, captions)).loss
@@ -132,6 +132,17 @@ def test_trainable_lm_gets_gradients(gpt2_folder: Path) -> None:
     assert captioner.lm.model.get_input_embeddings().weight.grad is not None
 
 
+def test_a_trained_lm_trains_with_dropout_from_the_first_step(gpt2_folder: Path, tmp_path: Path) -> None:
+    """from_pretrained hands back a model in eval mode and Lightning keeps each submodule's mode, so a
+    trained LM that did not switch itself to training mode would be finetuned without its dropout."""
+    captioner = make_captioner(gpt2_folder, trainable=True)  # never told .train(), as under Lightning
+    assert captioner.lm.model.training and captioner.lm.model.config.resid_pdrop > 0
+    embeds = torch.randn(1, 4, captioner.lm.embed_dim)
+    assert not torch.equal(captioner.lm(embeds), captioner.lm(embeds))  # dropout is active
+    captioner.eval()
+    torch.testing.assert_close(captioner.lm(embeds), captioner.lm(embeds))
+
+
 def test_features_of_the_wrong_size_are_refused(gpt2_folder: Path) -> None:
     captioner = make_captioner(gpt2_folder)
     with pytest.raises(ValueError, match="clip_dim=16"):
@@ -140,7 +151,7 @@ def test_features_of_the_wrong_size_are_refused(gpt2_folder: Path) -> None:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_greedy_generate_equals_a_hand_rolled_loop(arch: str, gpt2_folder: Path, llama_folder: Path) -> None:
-    captioner = make_captioner(gpt2_folder if arch == "gpt2" else llama_folder)
+    captioner = make_captioner(gpt2_folder if arch == "gpt2" else llama_folder).eval()
     features = torch.randn(5, CLIP_DIM)
     decoding = DecodingConfig(max_new_tokens=10)
     stops = stop_token_ids(captioner.lm, stop_at_period=False)

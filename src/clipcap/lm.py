@@ -108,8 +108,9 @@ class PrefixLM(nn.Module):
             self.model.requires_grad_(False)
         if lora is not None:
             self.model = apply_lora(self.model, lora, pretrained)
-        if not self.trains:
-            self.model.eval()
+        # from_pretrained returns a model in eval mode, and Lightning keeps each submodule's mode: a trained
+        # LM must start in training mode (dropout on, as when finetuning), and then follows its parent.
+        self.model.train(self.trains)
 
     @property
     def trains(self) -> bool:
