@@ -189,10 +189,15 @@ class PrefixLM(nn.Module):
     @cached_property
     def period_token_ids(self) -> list[int]:
         """Ids of every vocabulary token whose text contains "." (DiscriTune stops after the first)."""
-        vocab_size = len(self.tokenizer)
-        texts = self.tokenizer.batch_decode([[i] for i in range(vocab_size)])
-        special = set(self.tokenizer.all_special_ids)
-        return [i for i, text in enumerate(texts) if "." in text and i not in special]
+        return period_token_ids(self.tokenizer)
+
+
+def period_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of every vocabulary token whose text contains ".", special tokens excepted: the stops of
+    ``stop_at_period`` decoding, for any tokenizer (byte-level BPE, SentencePiece, WordPiece)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    special = set(tokenizer.all_special_ids)
+    return [i for i, text in enumerate(texts) if "." in text and i not in special]
 
 
 def _check_options(trainable: bool, lora: LoraSettings | None, quantization: str | None) -> None:

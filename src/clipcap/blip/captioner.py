@@ -27,15 +27,8 @@ from transformers import AutoTokenizer, BlipTextLMHeadModel, PreTrainedTokenizer
 from clipcap.blip.checkpoint import DTYPES, load_blip
 from clipcap.captioner import Captioner, CaptionTokens, TeacherForcing
 from clipcap.generation import DecodingConfig, cut_at_stop, stop_token_ids
+from clipcap.lm import period_token_ids
 from clipcap.pretrained import resolve_pretrained
-
-
-def period_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids of every vocabulary token whose text contains "." (DiscriTune stops after the first), special
-    tokens excepted."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    special = set(tokenizer.all_special_ids)
-    return [i for i, text in enumerate(texts) if "." in text and i not in special]
 
 
 class BlipTextDecoder(nn.Module):

@@ -386,16 +386,7 @@ class DiscriTune(Objective):
         A caption that stopped at once is given its EOS as its only token (length 0), so that its
         log-probability, and the gradient pushing it up or down, still exist.
         """
-        eos, pad = captioner.lm.eos_token_id, captioner.lm.pad_token_id
+        eos = captioner.lm.eos_token_id
         rows = [ids if ids else [eos] for ids in caption_ids]
-        lengths = torch.tensor([len(ids) for ids in caption_ids], dtype=torch.long)
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = torch.tensor(row)
-            attention_mask[index, : len(row)] = 1
-        device = captioner.device
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        tokens = CaptionTokens(input_ids.to(device), attention_mask.to(device), labels.to(device))
-        return tokens, lengths.to(device)
+        lengths = torch.tensor([len(ids) for ids in caption_ids], dtype=torch.long, device=captioner.device)
+        return CaptionTokens.from_rows(rows, captioner.lm.pad_token_id, captioner.device), lengths
