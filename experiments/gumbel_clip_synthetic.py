@@ -30,6 +30,12 @@ STAGE1_EPOCHS = 20
 COLUMNS = ("Bleu_4", "CIDEr", "METEOR", "clip_score", "ref_compare", "retrieval_p_at_1")
 
 
+def subset(labelled: int, seed: int) -> tuple[str, str]:
+    """Options selecting the labelled subset drawn with ``seed`` (stage 1 trains on it, stage 2 leaves it
+    out of its pool and uses it as the anchor)."""
+    return f"--data.init_args.labelled_images={labelled}", f"--data.init_args.subset_seed={seed}"
+
+
 def fit(config: str, root: Path, seed: int, *options: str):
     return lightning_cli(
         ["fit", "--config", config, f"--seed_everything={seed}", "--trainer.default_root_dir", str(root),
@@ -63,22 +69,23 @@ def main(argv: list[str] | None = None) -> None:
         ce_checkpoint = args.ce_checkpoint or latest_checkpoint("runs/demo/ce")
         rows["cross-entropy, all labels"] = test_metrics(CE_CONFIG, ce_checkpoint, args.out / "ce")
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    subset = lambda seed: (f"--data.init_args.labelled_images={labelled}", f"--data.init_args.subset_seed={seed}")  # noqa: E731
     for seed in seeds:
         root = args.out / f"seed{seed}"
         stage1 = fit(
-            CE_CONFIG, root / "stage1", seed, *subset(seed), f"--trainer.max_epochs={STAGE1_EPOCHS}",
+            CE_CONFIG, root / "stage1", seed, *subset(labelled, seed), f"--trainer.max_epochs={STAGE1_EPOCHS}",
             "--trainer.check_val_every_n_epoch=10",
         )  # fmt: skip
         stage1_last = Path(stage1.trainer.checkpoint_callback.last_model_path)
-        rows[f"stage 1 seed {seed}"] = test_metrics(CE_CONFIG, stage1_last, root / "stage1", *subset(seed))
+        rows[f"stage 1 seed {seed}"] = test_metrics(
+            CE_CONFIG, stage1_last, root / "stage1", *subset(labelled, seed)
+        )
         stage2 = fit(
-            GUMBEL_CONFIG, root / "stage2", seed, *subset(seed), f"--model.init_from={stage1_last}",
+            GUMBEL_CONFIG, root / "stage2", seed, *subset(labelled, seed), f"--model.init_from={stage1_last}",
             *args.stage2_option,
         )  # fmt: skip
         best = Path(stage2.trainer.checkpoint_callback.best_model_path)
         rows[f"stage 2 (Gumbel-CLIP) seed {seed}"] = test_metrics(
-            GUMBEL_CONFIG, best, root / "stage2", *subset(seed), "--model.init_from=null"
+            GUMBEL_CONFIG, best, root / "stage2", *subset(labelled, seed), "--model.init_from=null"
         )
         for stage in ("stage 1", "stage 2 (Gumbel-CLIP)"):
             scores = rows[f"{stage} seed {seed}"]
