@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from clipcap.data.batch import collate_caption_batch
 from clipcap.files import atomic_write_json
@@ -20,7 +20,7 @@ class SampleCaptions(pl.Callback):
     """Captions a fixed handful of validation images after each validation and shows them.
 
     The samples are printed and appended to ``samples.jsonl`` in the run's log folder, one line per
-    epoch, so a run's progress can be read as text.
+    epoch, so a run's progress can be read as text. Under DDP rank 0 captions and writes.
 
     Args:
         num_images: how many validation images (the first ones, always the same).
@@ -31,12 +31,16 @@ class SampleCaptions(pl.Callback):
         self.num_images = num_images
         self.decoding = decoding or DecodingConfig()
 
-    @rank_zero_only
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.num_images < 1:
             return
         datamodule = trainer.datamodule
         if not isinstance(datamodule, CaptionDataModule):
+            return
+        # trainer.log_dir is a collective under DDP (a broadcast): every rank must ask for it, or rank 0
+        # waits here while the others wait in the next collective (CaptionEvaluation's gather).
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero:
             return
         images = CaptionImages(datamodule.split("val"))
         batch = collate_caption_batch([images[i] for i in range(min(self.num_images, len(images)))])
@@ -48,8 +52,8 @@ class SampleCaptions(pl.Callback):
         ]
         lines = [f"  {s['image_id']}: {s['caption']!r}  (ref: {s['reference']!r})" for s in samples]
         rank_zero_info(f"Sample captions, epoch {trainer.current_epoch}:\n" + "\n".join(lines))
-        if trainer.log_dir:
-            path = Path(trainer.log_dir) / "samples.jsonl"
+        if log_dir:
+            path = Path(log_dir) / "samples.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as handle:
                 handle.write(
