@@ -29,6 +29,7 @@ from clipcap.objectives.rewards import (
     cosine_reward,
     discriminative_reward,
     discriminative_reward_with_negatives,
+    full_precision,
     hard_negative_indices,
     reinforce_loss,
 )
@@ -243,8 +244,16 @@ class DiscriTune(Objective):
         caption_ids = captioner.generate_ids(features, rollout)
         texts = self._texts(captioner, caption_ids)
 
-        # 2. The receiver scores every caption against every image of the batch.
-        with torch.no_grad():
+        reference_texts = None
+        if self.baseline.needs_greedy_reference:
+            with torch.no_grad():
+                greedy = replace(self.rollout, do_sample=False)
+                reference_texts = self._texts(captioner, captioner.generate_ids(features, greedy))
+
+        # 2. The receiver scores every caption against every image of the batch. It reads the captions in
+        # its own dtype (float32 unless loaded otherwise) and the rewards are float32, whatever autocast the
+        # step runs under: with CLIP's logit scale of 100, bf16 rounding would move rewards by ~0.1 nat.
+        with torch.no_grad(), full_precision(features.device):
             text_embeds = receiver.encode_text(texts)
             candidates, offset = self._candidates(images.detach().float())
             owners = torch.arange(features.shape[0], device=features.device).repeat_interleave(k)
@@ -257,11 +266,9 @@ class DiscriTune(Objective):
             else:
                 rewards = self._rewards(text_embeds, candidates, targets)
             reference_losses = None
-            if self.baseline.needs_greedy_reference:
-                greedy = replace(self.rollout, do_sample=False)
-                greedy_texts = self._texts(captioner, captioner.generate_ids(features, greedy))
+            if reference_texts is not None:
                 greedy_rewards = self._rewards(
-                    receiver.encode_text(greedy_texts), candidates, offset + owners[::k]
+                    receiver.encode_text(reference_texts), candidates, offset + owners[::k]
                 )
                 reference_losses = (-greedy_rewards).repeat_interleave(k)
             similarities = text_embeds @ torch.nn.functional.normalize(candidates, dim=-1).T

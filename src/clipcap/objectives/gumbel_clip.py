@@ -26,6 +26,7 @@ from clipcap.gumbel import GumbelRollout, SoftCaption, gumbel_rollout
 from clipcap.objectives.base import Objective, ObjectiveOutput
 from clipcap.objectives.cross_entropy import CrossEntropy
 from clipcap.objectives.reference import reference_lm, start_token_id
+from clipcap.objectives.rewards import full_precision
 from clipcap.pretrained import checkpoint_model_type
 
 logger = logging.getLogger(__name__)
@@ -160,8 +161,10 @@ class GumbelClip(Objective):
             )
         temperature = self.temperature
         caption = gumbel_rollout(captioner, images, self.rollout, temperature=temperature)
+        # CLIP's text tower runs under the step's autocast (on the gradient path); the cosine in float32.
         text_embeds = text.encode(caption.weights, caption.token_ids, caption.lengths)
-        cosine = F.cosine_similarity(text_embeds, images.float(), dim=-1)
+        with full_precision(images.device):
+            cosine = F.cosine_similarity(text_embeds.float(), images.float(), dim=-1)
         loss = -cosine.mean()
         terms = {
             "cosine": cosine.detach().mean(),

@@ -2,6 +2,10 @@
 
 Legend for shapes: B captions in the batch, N candidate images (the target and its distractors), D CLIP
 embedding size, T caption tokens, V vocabulary.
+
+The CLIP similarity functions compute in float32 even inside a bf16/fp16 autocast region (``bf16-mixed``
+training), where a matrix product would otherwise run in half precision whatever its inputs: CLIP's logit
+scale (100) turns bf16's rounding of a cosine (~4·10⁻³) into ~0.1 nat of reward.
 """
 
 from __future__ import annotations
@@ -9,6 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def full_precision(device: torch.device | str) -> torch.autocast:
+    """A context in which autocast is off on ``device``'s type: tensors keep their dtypes, so float32 inputs
+    compute in float32 inside a mixed-precision step.
+
+    Args:
+        device: the device the computation runs on (its type, ``cpu`` or ``cuda``..., picks the autocast).
+    """
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
 def discriminative_reward(
@@ -26,12 +40,12 @@ def discriminative_reward(
         logit_scale: CLIP's learned temperature (100 for openai's models).
 
     Returns:
-        (B,) rewards, ≤ 0.
+        (B,) float32 rewards, ≤ 0.
     """
-    scores = (
-        logit_scale * F.normalize(text_embeds.float(), dim=-1) @ F.normalize(image_embeds.float(), dim=-1).T
-    )
-    return scores.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
+    with full_precision(text_embeds.device):
+        texts = F.normalize(text_embeds.float(), dim=-1)
+        scores = logit_scale * texts @ F.normalize(image_embeds.float(), dim=-1).T
+        return scores.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
 def cosine_reward(
@@ -45,10 +59,11 @@ def cosine_reward(
         targets: (B,) index of each caption's image.
 
     Returns:
-        (B,) cosines in [-1, 1].
+        (B,) float32 cosines in [-1, 1].
     """
-    images = F.normalize(image_embeds.float(), dim=-1)[targets]
-    return (F.normalize(text_embeds.float(), dim=-1) * images).sum(-1)
+    with full_precision(text_embeds.device):
+        images = F.normalize(image_embeds.float(), dim=-1)[targets]
+        return (F.normalize(text_embeds.float(), dim=-1) * images).sum(-1)
 
 
 def caption_log_probs(logits: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -213,7 +228,8 @@ def hard_negative_indices(
     Raises:
         ValueError: fewer than ``count`` usable bank images for some query.
     """
-    similarity = F.normalize(queries.float(), dim=-1) @ F.normalize(bank.float(), dim=-1).T
+    with full_precision(queries.device):  # bf16 similarities would reorder close neighbours
+        similarity = F.normalize(queries.float(), dim=-1) @ F.normalize(bank.float(), dim=-1).T
     similarity = similarity.masked_fill(similarity >= duplicate_threshold, float("-inf"))
     rows = torch.arange(queries.shape[0], device=queries.device)[:, None].expand_as(exclude)
     valid = exclude >= 0
@@ -244,9 +260,10 @@ def discriminative_reward_with_negatives(
         logit_scale: CLIP's temperature.
 
     Returns:
-        (B,) ``log softmax`` of the own image over the N shared and H own candidates.
+        (B,) float32 ``log softmax`` of the own image over the N shared and H own candidates.
     """
-    texts = F.normalize(text_embeds.float(), dim=-1)
-    shared = logit_scale * texts @ F.normalize(image_embeds.float(), dim=-1).T
-    own = logit_scale * torch.einsum("bd,bhd->bh", texts, F.normalize(negative_embeds.float(), dim=-1))
-    return torch.cat([shared, own], dim=1).log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
+    with full_precision(text_embeds.device):
+        texts = F.normalize(text_embeds.float(), dim=-1)
+        shared = logit_scale * texts @ F.normalize(image_embeds.float(), dim=-1).T
+        own = logit_scale * torch.einsum("bd,bhd->bh", texts, F.normalize(negative_embeds.float(), dim=-1))
+        return torch.cat([shared, own], dim=1).log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
