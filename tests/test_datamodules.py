@@ -531,6 +531,7 @@ def test_every_shipped_config_is_exercised() -> None:
             for name in ("ce", "discritune", "gumbel_clip")
         ),
         REPO / "lightning_configs/coco/blip_discritune.yaml",  # test_blip trains it on the tiny world
+        REPO / "lightning_configs/coco/llama2_fsdp_ce.yaml",  # test_distributed builds its FSDP trainer
         *DATA_CONFIGS,
     }
     synthetic = set((REPO / "lightning_configs" / "synthetic").glob("*.yaml"))  # test_training parses these
