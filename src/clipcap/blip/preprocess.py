@@ -14,27 +14,25 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from clipcap.clip.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     PREPROCESSOR_CONFIG,
-    _convert_to_rgb,
-    _find_preprocessor_config,
+    PixelPreprocessor,
+    convert_to_rgb,
+    find_preprocessor_config,
 )
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class BlipImagePreprocessor:
+class BlipImagePreprocessor(PixelPreprocessor):
     """Turns PIL images into BLIP's normalised pixel tensors.
 
     Frozen because its :meth:`to_dict` is recorded in feature caches and must describe what ran. The
@@ -74,7 +72,7 @@ class BlipImagePreprocessor:
             ValueError: the config asks for something else than a square resize (a crop, an
                 aspect-preserving resize, no normalisation...).
         """
-        config_path = _find_preprocessor_config(folder_or_name)
+        config_path = find_preprocessor_config(folder_or_name)
         if config_path is None:
             size = default_image_size or cls.image_size
             logger.warning(
@@ -137,13 +135,6 @@ class BlipImagePreprocessor:
             "do_convert_rgb": True,
         }
 
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
-        """Writes :meth:`to_hf_config` as ``folder/preprocessor_config.json`` and returns its path."""
-        path = Path(folder) / PREPROCESSOR_CONFIG
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_hf_config(), indent=2) + "\n", encoding="utf-8")
-        return path
-
     def resized_pixels(self, width: int, height: int) -> int:
         """Pixels of an image of this size once resized (S², whatever its shape): extraction refuses
         images whose resize would exceed its pixel limit."""
@@ -158,28 +149,8 @@ class BlipImagePreprocessor:
         Returns:
             (3, S, S) float32 normalised pixels.
         """
-        rgb = _convert_to_rgb(image)
+        rgb = convert_to_rgb(image)
         size = (self.image_size, self.image_size)
         if rgb.size != size:
             rgb = rgb.resize(size, resample=self.resample)
-        # float64 scaling, then float32 normalisation: transformers' rescale/normalize, bit for bit.
-        scaled = (np.asarray(rgb).astype(np.float64) * (1 / 255)).astype(np.float32)
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        normalised = (scaled - mean) / std
-        return np.ascontiguousarray(normalised.transpose(2, 0, 1))
-
-    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Preprocesses a batch of images.
-
-        Args:
-            images: B PIL images of any size and mode.
-
-        Returns:
-            (B, 3, S, S) float32 pixel values for BLIP's vision model.
-        """
-        if isinstance(images, Image.Image):
-            raise TypeError("BlipImagePreprocessor expects a list of images, not a single image")
-        if not images:
-            return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.float32)
-        return torch.from_numpy(np.stack([self.preprocess_image(image) for image in images]))
+        return self.normalise(np.asarray(rgb))

@@ -29,8 +29,58 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
+class PixelPreprocessor:
+    """What CLIP's and BLIP's preprocessors share: saving their config, normalising, batching.
+
+    Subclasses are frozen dataclasses with ``image_size``, ``mean`` and ``std``, and define
+    ``to_hf_config`` and ``preprocess_image``.
+    """
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_hf_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        raise NotImplementedError
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Writes :meth:`to_hf_config` as ``folder/preprocessor_config.json`` and returns its path."""
+        path = Path(folder) / PREPROCESSOR_CONFIG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_hf_config(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """(S, S, 3) uint8 pixels → (3, S, S) float32: scaled to [0, 1] in float64 and cast, then
+        normalised in float32, as transformers' rescale and normalize do, so results are bit-identical
+        rather than merely close."""
+        scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        normalised = (scaled - mean) / std
+        return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocesses a batch of images.
+
+        Args:
+            images: B PIL images of any size and mode.
+
+        Returns:
+            (B, 3, S, S) float32 pixel values for the vision model.
+        """
+        if isinstance(images, Image.Image):
+            raise TypeError(f"{type(self).__name__} expects a list of images, not a single image")
+        if not images:
+            return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.float32)
+        return torch.from_numpy(np.stack([self.preprocess_image(image) for image in images]))
+
+
 @dataclasses.dataclass(frozen=True)
-class ClipImagePreprocessor:
+class ClipImagePreprocessor(PixelPreprocessor):
     """Turns PIL images into CLIP's normalised pixel tensors.
 
     Frozen (immutable and hashable) because its :meth:`to_dict` is recorded in feature caches and
@@ -79,7 +129,7 @@ class ClipImagePreprocessor:
             ValueError: the config asks for something this class does not implement (non-square crop,
                 resize to a fixed height and width).
         """
-        config_path = _find_preprocessor_config(folder_or_name)
+        config_path = find_preprocessor_config(folder_or_name)
         if config_path is None:
             size = default_image_size or 224
             logger.warning(
@@ -153,13 +203,6 @@ class ClipImagePreprocessor:
             "do_convert_rgb": True,
         }
 
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
-        """Writes :meth:`to_hf_config` as ``folder/preprocessor_config.json`` and returns its path."""
-        path = Path(folder) / PREPROCESSOR_CONFIG
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_hf_config(), indent=2) + "\n", encoding="utf-8")
-        return path
-
     def resized_pixels(self, width: int, height: int) -> int:
         """Pixels of an image of this size once its short side is resized (before the crop): extraction
         refuses images whose resize would exceed its pixel limit (a 1x20000 strip would become
@@ -176,7 +219,7 @@ class ClipImagePreprocessor:
         Returns:
             (3, S, S) float32 normalised pixels.
         """
-        rgb = _convert_to_rgb(image)
+        rgb = convert_to_rgb(image)
         width, height = rgb.size
         # Same size rule as transformers' get_resize_output_image_size: the long side is truncated,
         # not rounded, so e.g. 640x427 -> 335x224 rather than 336x224.
@@ -185,32 +228,10 @@ class ClipImagePreprocessor:
         new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
         if (new_width, new_height) != (width, height):
             rgb = rgb.resize((new_width, new_height), resample=self.resample)
-        pixels = _center_crop(np.asarray(rgb), self.image_size)
-        # Scaling in float64 and then casting, then normalising in float32, mirrors transformers'
-        # rescale/normalize so results are bit-identical rather than merely close.
-        scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        normalised = (scaled - mean) / std
-        return np.ascontiguousarray(normalised.transpose(2, 0, 1))
-
-    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Preprocesses a batch of images.
-
-        Args:
-            images: B PIL images of any size and mode.
-
-        Returns:
-            (B, 3, S, S) float32 pixel values for ``CLIPModel.get_image_features``.
-        """
-        if isinstance(images, Image.Image):
-            raise TypeError("ClipImagePreprocessor expects a list of images, not a single image")
-        if not images:
-            return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.float32)
-        return torch.from_numpy(np.stack([self.preprocess_image(image) for image in images]))
+        return self.normalise(_center_crop(np.asarray(rgb), self.image_size))
 
 
-def _find_preprocessor_config(folder_or_name: str | os.PathLike[str]) -> Path | None:
+def find_preprocessor_config(folder_or_name: str | os.PathLike[str]) -> Path | None:
     """Path of ``preprocessor_config.json`` for a folder or HF name, or None if there is none."""
     folder = Path(folder_or_name)
     if folder.is_dir():
@@ -231,7 +252,7 @@ def _find_preprocessor_config(folder_or_name: str | os.PathLike[str]) -> Path | 
     return Path(found) if found else None
 
 
-def _convert_to_rgb(image: Image.Image) -> Image.Image:
+def convert_to_rgb(image: Image.Image) -> Image.Image:
     """RGB version of ``image``, compositing transparency onto white.
 
     Matches ``transformers.image_transforms.convert_to_rgb``. (openai's own preprocessing calls
