@@ -11,8 +11,6 @@ captioning checkpoints).
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
 from typing import Any
 
@@ -22,13 +20,9 @@ from PIL import Image
 from clipcap.clip.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
-    PREPROCESSOR_CONFIG,
     PixelPreprocessor,
     convert_to_rgb,
-    find_preprocessor_config,
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +42,6 @@ class BlipImagePreprocessor(PixelPreprocessor):
     resample: int = int(Image.Resampling.BICUBIC)
     """PIL resampling filter of the resize (3 = bicubic, BLIP's)."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", tuple(float(value) for value in self.mean))
-        object.__setattr__(self, "std", tuple(float(value) for value in self.std))
-        object.__setattr__(self, "resample", int(self.resample))
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
-        if self.image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
-
     @classmethod
     def from_pretrained(
         cls, folder_or_name: str | os.PathLike[str], default_image_size: int | None = None
@@ -72,19 +57,11 @@ class BlipImagePreprocessor(PixelPreprocessor):
             ValueError: the config asks for something else than a square resize (a crop, an
                 aspect-preserving resize, no normalisation...).
         """
-        config_path = find_preprocessor_config(folder_or_name)
-        if config_path is None:
-            size = default_image_size or cls.image_size
-            logger.warning(
-                "%s has no %s; using BLIP's default preprocessing at %d px",
-                folder_or_name,
-                PREPROCESSOR_CONFIG,
-                size,
-            )
+        size = default_image_size or cls.image_size
+        config = cls._read_config(folder_or_name, "BLIP", size)
+        if config is None:
             return cls(image_size=size)
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-        return cls.from_config_dict(config, source=str(config_path))
+        return cls.from_config_dict(config, source=config.pop("_source"))
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> BlipImagePreprocessor:

@@ -40,6 +40,35 @@ class PixelPreprocessor:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def __post_init__(self) -> None:
+        # Lists from JSON become tuples so that instances compare and hash by value.
+        object.__setattr__(self, "mean", tuple(float(value) for value in self.mean))
+        object.__setattr__(self, "std", tuple(float(value) for value in self.std))
+        object.__setattr__(self, "resample", int(self.resample))
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+
+    @classmethod
+    def _read_config(
+        cls, folder_or_name: str | os.PathLike[str], family: str, default_size: int
+    ) -> dict[str, Any] | None:
+        """The folder's ``preprocessor_config.json`` with its path under ``"_source"``, or None (and a
+        warning that ``family``'s default preprocessing at ``default_size`` px is used)."""
+        config_path = find_preprocessor_config(folder_or_name)
+        if config_path is None:
+            logger.warning(
+                "%s has no %s; using %s's default preprocessing at %d px",
+                folder_or_name,
+                PREPROCESSOR_CONFIG,
+                family,
+                default_size,
+            )
+            return None
+        with open(config_path, encoding="utf-8") as handle:
+            return {**json.load(handle), "_source": str(config_path)}
+
     def to_hf_config(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -99,17 +128,9 @@ class ClipImagePreprocessor(PixelPreprocessor):
     """PIL resampling filter of the resize (3 = bicubic, as CLIP was trained)."""
 
     def __post_init__(self) -> None:
-        # Lists from JSON become tuples so that instances compare and hash by value.
-        object.__setattr__(self, "mean", tuple(float(value) for value in self.mean))
-        object.__setattr__(self, "std", tuple(float(value) for value in self.std))
-        object.__setattr__(self, "resample", int(self.resample))
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
-        if self.image_size <= 0 or self.resize_shortest_edge <= 0:
-            raise ValueError(
-                f"image_size and resize_shortest_edge must be positive, got {self.image_size} and "
-                f"{self.resize_shortest_edge}"
-            )
+        super().__post_init__()
+        if self.resize_shortest_edge <= 0:
+            raise ValueError(f"resize_shortest_edge must be positive, got {self.resize_shortest_edge}")
 
     @classmethod
     def from_pretrained(
@@ -129,19 +150,11 @@ class ClipImagePreprocessor(PixelPreprocessor):
             ValueError: the config asks for something this class does not implement (non-square crop,
                 resize to a fixed height and width).
         """
-        config_path = find_preprocessor_config(folder_or_name)
-        if config_path is None:
-            size = default_image_size or 224
-            logger.warning(
-                "%s has no %s; using CLIP's default preprocessing at %d px",
-                folder_or_name,
-                PREPROCESSOR_CONFIG,
-                size,
-            )
+        size = default_image_size or 224
+        config = cls._read_config(folder_or_name, "CLIP", size)
+        if config is None:
             return cls(image_size=size, resize_shortest_edge=size)
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-        return cls.from_config_dict(config, source=str(config_path))
+        return cls.from_config_dict(config, source=config.pop("_source"))
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> ClipImagePreprocessor:
