@@ -19,7 +19,6 @@ append to a shared cache.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -157,7 +156,8 @@ def gumbel_rollout(
     prefix = captioner.prefix(clip_features)
     batch, device = prefix.shape[0], prefix.device
     embedding_matrix = model.get_input_embeddings().weight  # (V, D)
-    logits_kwargs = _logits_kwargs(model)
+    # The last position's logits only, where the model can skip the LM head on the others.
+    logits_kwargs = {"logits_to_keep": 1} if lm.takes_logits_to_keep else {}
     stops = torch.tensor(stop_token_ids(lm, options.stop_at_period), device=device)
 
     def run(function: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Tensor, ...]:
@@ -210,12 +210,6 @@ def gumbel_rollout(
         mask=torch.stack(masks, dim=1).long(),
         logits=torch.stack(all_logits, dim=1),
     )
-
-
-def _logits_kwargs(model: PreTrainedModel) -> dict[str, int]:
-    """Asks for the last position's logits only, where the model can skip the LM head on the others."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's LoRA
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
 
 class _CachedStep:

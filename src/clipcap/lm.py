@@ -100,7 +100,8 @@ class PrefixLM(nn.Module):
         self.tokenizer: PreTrainedTokenizerBase = tokenizer
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"PrefixLM: the tokenizer of {pretrained!r} has no EOS token; captions need one")
-        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        # Asked of the model itself, before any LoRA wrapper (whose forward takes **kwargs).
+        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if gradient_checkpointing:
             # Non-reentrant: the frozen base's inputs need not require gradients for the prefix's to flow.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -177,7 +178,7 @@ class PrefixLM(nn.Module):
             (B, T', V) logits, T' = ``logits_to_keep`` or T.
         """
         kwargs = {}
-        if logits_to_keep and self._takes_logits_to_keep:
+        if logits_to_keep and self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         logits = self.model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs
