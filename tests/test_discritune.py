@@ -3,19 +3,15 @@ the tiny world, skipped non-finite steps, and the baseline in checkpoints."""
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from clipcap.captioner import ClipCaptioner
 from clipcap.cli import lightning_cli
 from clipcap.data.batch import collate_caption_batch
 from clipcap.generation import DecodingConfig
-from clipcap.lm import PrefixLM
-from clipcap.mapper import MLPMapper
 from clipcap.objectives import (
     CumulativeMeanBaseline,
     DiscriTune,
@@ -33,20 +29,12 @@ from clipcap.objectives.rewards import (
 )
 from clipcap.training import CaptionModule, SyntheticCaptions
 from clipcap.training.data import CaptionImages
+from tiny_models import tiny_captioner
 
 REPO = Path(__file__).resolve().parents[1]
 CE_CONFIG = str(REPO / "lightning_configs" / "synthetic" / "ce.yaml")
 DT_CONFIG = str(REPO / "lightning_configs" / "synthetic" / "discritune.yaml")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false"]
-
-
-def tiny_captioner(clip_dim: int, trainable: bool = True, prefix_length: int = 4) -> ClipCaptioner:
-    """The tiny world's LM behind an MLP mapper."""
-    return ClipCaptioner(
-        PrefixLM("synthetic:lm", trainable=trainable),
-        functools.partial(MLPMapper, prefix_length=prefix_length),
-        clip_dim=clip_dim,
-    )
 
 
 def test_discriminative_reward_by_hand() -> None:

@@ -3,7 +3,6 @@ KL terms, the temperature anneal across checkpoints, and the configs of the two-
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
@@ -11,15 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipcap.captioner import ClipCaptioner
 from clipcap.cli import lightning_cli
 from clipcap.data.batch import collate_caption_batch
 from clipcap.gumbel import GumbelRollout, gumbel_rollout
-from clipcap.lm import PrefixLM
-from clipcap.mapper import MLPMapper
 from clipcap.objectives import GumbelClip
 from clipcap.training import CaptionModule, SyntheticCaptions
 from clipcap.training.data import CaptionImages, CaptionPairs
+from tiny_models import tiny_captioner
 
 REPO = Path(__file__).resolve().parents[1]
 CE_CONFIG = str(REPO / "lightning_configs" / "synthetic" / "ce.yaml")
@@ -28,14 +25,6 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false"]
 # The tiny world has 64 training images: 8 labelled, the pool is the other 56.
 TINY_DATA = ["--data.init_args.labelled_images=8", "--data.init_args.batch_size=8",
              "--data.init_args.anchor_batch_size=4", "--trainer.limit_val_batches=0"]  # fmt: skip
-
-
-def tiny_captioner(clip_dim: int, trainable: bool = True) -> ClipCaptioner:
-    return ClipCaptioner(
-        PrefixLM("synthetic:lm", trainable=trainable),
-        functools.partial(MLPMapper, prefix_length=4),
-        clip_dim=clip_dim,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ Values computed in float32 on both sides (rewards, the baseline) are compared at
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,13 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipcap.captioner import ClipCaptioner
 from clipcap.cli import lightning_cli
 from clipcap.data.batch import collate_caption_batch
 from clipcap.generation import DecodingConfig
 from clipcap.gumbel import GumbelRollout
-from clipcap.lm import PrefixLM
-from clipcap.mapper import MLPMapper
 from clipcap.objectives import DiscriTune, GumbelClip
 from clipcap.objectives.rewards import (
     cosine_reward,
@@ -35,6 +31,7 @@ from clipcap.objectives.rewards import (
 )
 from clipcap.training import SyntheticCaptions
 from clipcap.training.data import CaptionImages, CaptionPairs
+from tiny_models import tiny_captioner
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "lightning_configs" / "synthetic"
@@ -97,14 +94,6 @@ def test_hard_negatives_are_ranked_in_float32_under_bf16_autocast() -> None:
 
 
 # ----------------------------------------------------------------------------- the objectives' steps
-
-
-def tiny_captioner(clip_dim: int) -> ClipCaptioner:
-    return ClipCaptioner(
-        PrefixLM("synthetic:lm", trainable=True),
-        functools.partial(MLPMapper, prefix_length=4),
-        clip_dim=clip_dim,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -100,3 +100,19 @@ def tiny_clip_model(seed: int) -> CLIPModel:
         projection_dim=16,
     )
     return CLIPModel(config).eval()
+
+
+def tiny_captioner(clip_dim: int, trainable: bool = True, prefix_length: int = 4):
+    """The tiny synthetic world's LM (``synthetic:lm``, see tests/conftest.py ``tiny_world``) behind an MLP
+    mapper."""
+    import functools
+
+    from clipcap.captioner import ClipCaptioner
+    from clipcap.lm import PrefixLM
+    from clipcap.mapper import MLPMapper
+
+    return ClipCaptioner(
+        PrefixLM("synthetic:lm", trainable=trainable),
+        functools.partial(MLPMapper, prefix_length=prefix_length),
+        clip_dim=clip_dim,
+    )
