@@ -74,18 +74,8 @@ class BlipImagePreprocessor(PixelPreprocessor):
             raise ValueError(f"{source}: size {size} is not the square resize BLIP uses")
         if config.get("do_center_crop", False):
             raise ValueError(f"{source}: do_center_crop=true is not BLIP's preprocessing")
-        for flag in ("do_resize", "do_rescale", "do_normalize"):
-            if config.get(flag, True) is False:
-                raise ValueError(f"{source}: {flag}=false is not supported; BLIP preprocessing does it")
-        rescale_factor = config.get("rescale_factor", 1 / 255)
-        if not np.isclose(rescale_factor, 1 / 255):
-            raise ValueError(f"{source}: rescale_factor {rescale_factor} is not 1/255")
-        return cls(
-            image_size=int(size["height"]),
-            mean=tuple(config.get("image_mean", defaults.mean)),  # type: ignore[arg-type]
-            std=tuple(config.get("image_std", defaults.std)),  # type: ignore[arg-type]
-            resample=int(config.get("resample", defaults.resample)),
-        )
+        steps = ("do_resize", "do_rescale", "do_normalize")
+        return cls(image_size=int(size["height"]), **cls._shared_options(config, source, "BLIP", steps))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, recorded in feature caches and compared when they are opened."""

@@ -69,6 +69,32 @@ class PixelPreprocessor:
         with open(config_path, encoding="utf-8") as handle:
             return {**json.load(handle), "_source": str(config_path)}
 
+    @classmethod
+    def _shared_options(
+        cls, config: dict[str, Any], source: str, family: str, steps: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """Checks the steps every preprocessing here performs (``steps`` may not be switched off, the
+        rescale must be 1/255) and returns the normalisation and resampling options of ``config``.
+
+        Args:
+            config: a parsed ``preprocessor_config.json``.
+            source: where it came from, for error messages.
+            family: ``CLIP`` or ``BLIP``, for error messages.
+            steps: the ``do_*`` flags this preprocessing always performs.
+        """
+        for flag in steps:
+            if config.get(flag, True) is False:
+                raise ValueError(f"{source}: {flag}=false is not supported; {family} preprocessing does it")
+        rescale_factor = config.get("rescale_factor", 1 / 255)
+        if not np.isclose(rescale_factor, 1 / 255):
+            raise ValueError(f"{source}: rescale_factor {rescale_factor} is not 1/255")
+        defaults = cls()
+        return {
+            "mean": tuple(config.get("image_mean", defaults.mean)),
+            "std": tuple(config.get("image_std", defaults.std)),
+            "resample": int(config.get("resample", defaults.resample)),
+        }
+
     def to_hf_config(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -175,18 +201,11 @@ class ClipImagePreprocessor(PixelPreprocessor):
             crop = {"height": crop, "width": crop}
         if crop["height"] != crop["width"]:
             raise ValueError(f"{source}: crop_size {crop} is not square")
-        for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
-            if config.get(flag, True) is False:
-                raise ValueError(f"{source}: {flag}=false is not supported; CLIP preprocessing does it")
-        rescale_factor = config.get("rescale_factor", 1 / 255)
-        if not np.isclose(rescale_factor, 1 / 255):
-            raise ValueError(f"{source}: rescale_factor {rescale_factor} is not 1/255")
+        steps = ("do_resize", "do_center_crop", "do_rescale", "do_normalize")
         return cls(
             image_size=int(crop["height"]),
             resize_shortest_edge=int(size["shortest_edge"]),
-            mean=tuple(config.get("image_mean", defaults.mean)),  # type: ignore[arg-type]
-            std=tuple(config.get("image_std", defaults.std)),  # type: ignore[arg-type]
-            resample=int(config.get("resample", defaults.resample)),
+            **cls._shared_options(config, source, "CLIP", steps),
         )
 
     def to_dict(self) -> dict[str, Any]:
