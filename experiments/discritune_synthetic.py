@@ -71,6 +71,25 @@ def greedy_metrics(checkpoint: Path) -> dict[str, float]:
     return score_captions(CaptionEvaluation(), datamodule, "test", by_id)
 
 
+def metrics_table(header: str, rows: dict[str, dict[str, float]], columns: tuple[str, ...]) -> list[str]:
+    """A markdown table: one row per entry of ``rows``, one column per metric."""
+    lines = [f"| {header} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, scores in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{scores[c]:.3f}" for c in columns) + " |")
+    return lines
+
+
+def spread_row(label: str, runs: list[dict[str, float]], columns: tuple[str, ...]) -> str:
+    """A bold table row with each metric's mean ± sd over ``runs`` (the value alone for one run)."""
+    cells = [
+        f"{statistics.mean(run[c] for run in runs):.3f} ± {statistics.stdev(run[c] for run in runs):.3f}"
+        if len(runs) > 1
+        else f"{runs[0][c]:.3f}"
+        for c in columns
+    ]
+    return f"| **{label}, mean ± sd over {len(runs)} seeds** | " + " | ".join(cells) + " |"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ce_checkpoint", type=Path, default=None)
@@ -111,21 +130,10 @@ def main(argv: list[str] | None = None) -> None:
             scores = rows[f"DiscriTune seed {seed}, {decoding}"]
             print(f"[evidence] seed {seed}, {decoding}: {json.dumps({k: scores[k] for k in COLUMNS})}")
 
-    header = "| model, test decoding | " + " | ".join(COLUMNS) + " |"
-    lines = [header, "|---|" + "---:|" * len(COLUMNS)]
-    for name, scores in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[c]:.3f}" for c in COLUMNS) + " |")
+    lines = metrics_table("model, test decoding", rows, COLUMNS)
     for decoding in ("beam 5", "greedy"):
         runs = [rows[f"DiscriTune seed {seed}, {decoding}"] for seed in seeds]
-        spread = [
-            f"{statistics.mean(run[c] for run in runs):.3f} ± {statistics.stdev(run[c] for run in runs):.3f}"
-            if len(runs) > 1
-            else f"{runs[0][c]:.3f}"
-            for c in COLUMNS
-        ]
-        lines.append(
-            f"| **DiscriTune, {decoding}, mean ± sd over {len(runs)} seeds** | " + " | ".join(spread) + " |"
-        )
+        lines.append(spread_row(f"DiscriTune, {decoding}", runs, COLUMNS))
     config = yaml.safe_load(Path(DT_CONFIG).read_text())
     settings = {
         "lr": config["model"]["optimizer"]["init_args"]["lr"],

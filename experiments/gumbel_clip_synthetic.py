@@ -14,14 +14,13 @@ import argparse
 import datetime
 import json
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from discritune_synthetic import CE_CONFIG, QUIET, latest_checkpoint, test_metrics
+from discritune_synthetic import CE_CONFIG, QUIET, latest_checkpoint, metrics_table, spread_row, test_metrics
 
 from clipcap.cli import lightning_cli
 
@@ -91,19 +90,9 @@ def main(argv: list[str] | None = None) -> None:
             scores = rows[f"{stage} seed {seed}"]
             print(f"[evidence] seed {seed}, {stage}: {json.dumps({k: scores[k] for k in COLUMNS})}")
 
-    header = "| model (test: beam 5) | " + " | ".join(COLUMNS) + " |"
-    lines = [header, "|---|" + "---:|" * len(COLUMNS)]
-    for name, scores in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[c]:.3f}" for c in COLUMNS) + " |")
+    lines = metrics_table("model (test: beam 5)", rows, COLUMNS)
     for stage in ("stage 1", "stage 2 (Gumbel-CLIP)"):
-        runs = [rows[f"{stage} seed {seed}"] for seed in seeds]
-        spread = [
-            f"{statistics.mean(run[c] for run in runs):.3f} ± {statistics.stdev(run[c] for run in runs):.3f}"
-            if len(runs) > 1
-            else f"{runs[0][c]:.3f}"
-            for c in COLUMNS
-        ]
-        lines.append(f"| **{stage}, mean ± sd over {len(runs)} seeds** | " + " | ".join(spread) + " |")
+        lines.append(spread_row(stage, [rows[f"{stage} seed {seed}"] for seed in seeds], COLUMNS))
     objective = config["model"]["objective"]["init_args"]
     command = "python experiments/gumbel_clip_synthetic.py " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
