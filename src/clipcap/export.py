@@ -68,7 +68,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merged: bool = Fa
     if merged and lm.lora is None:
         raise ValueError(f"clipcap export --merged: the LM in {checkpoint} has no LoRA adapters to merge")
     with staged_folder(out) as staging:
-        config = copy.deepcopy(config)
         save_file(
             {k: v.contiguous() for k, v in captioner.mapper.state_dict().items()}, staging / MAPPER_FILE
         )
