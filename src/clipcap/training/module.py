@@ -18,7 +18,7 @@ from clipcap.objectives.base import Objective
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=2e-5)
+    return torch.optim.AdamW(params, lr=2e-5, fused=True)
 
 
 class CaptionModule(pl.LightningModule):
@@ -31,7 +31,7 @@ class CaptionModule(pl.LightningModule):
     Args:
         captioner: the captioner to train (``ClipCaptioner``, ``clipcap.blip.BlipCaptioner``).
         objective: the training objective (``CrossEntropy``, ...).
-        optimizer: builds the optimizer from the trainable parameters (AdamW, lr 2e-5 by default).
+        optimizer: builds the optimizer from the trainable parameters (fused AdamW, lr 2e-5 by default).
         lr_scheduler: optional, builds a scheduler from the optimizer.
         decoding: how captions are decoded by ``predict`` and by callbacks that do not set their own.
         init_from: a checkpoint whose captioner weights (mapper, trained LM weights) start this run, without
