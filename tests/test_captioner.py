@@ -143,6 +143,22 @@ def test_a_trained_lm_trains_with_dropout_from_the_first_step(gpt2_folder: Path,
     torch.testing.assert_close(captioner.lm(embeds), captioner.lm(embeds))
 
 
+def test_gpt2_python_gelu_is_replaced_by_the_fused_kernel_with_the_same_outputs(gpt2_folder: Path) -> None:
+    """GPT-2's ``gelu_new`` is seven Python elementwise ops; PrefixLM swaps in ``F.gelu(approximate="tanh")``,
+    the same function in one kernel, and leaves the config (what is saved and exported) as it was."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    lm = PrefixLM(str(gpt2_folder), trainable=True).eval()
+    activations = [m for m in lm.model.modules() if isinstance(m, (GELUTanh, NewGELUActivation))]
+    assert activations and all(type(m) is GELUTanh for m in activations)
+    assert lm.model.config.activation_function == "gelu_new"
+    original = AutoModelForCausalLM.from_pretrained(gpt2_folder).eval()
+    assert any(type(m) is NewGELUActivation for m in original.modules())
+    embeds = torch.randn(3, 7, lm.embed_dim)
+    torch.testing.assert_close(lm(embeds), original(inputs_embeds=embeds).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_features_of_the_wrong_size_are_refused(gpt2_folder: Path) -> None:
     captioner = make_captioner(gpt2_folder)
     with pytest.raises(ValueError, match="clip_dim=16"):
