@@ -34,11 +34,10 @@ lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check src tests benchmarks experiments
 	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 
-bench: $(STAMP) ## speed benchmarks (prints figures; see docs/benchmarks.md)
-	$(PYTHON) benchmarks/bench_captioner.py
-	$(PYTHON) benchmarks/bench_data.py
-	$(PYTHON) benchmarks/bench_discritune.py
-	$(PYTHON) benchmarks/bench_gumbel_memory.py --shape small
-	$(PYTHON) benchmarks/bench_evaluation.py  # needs a trained checkpoint: run `make demo` first
+bench: $(STAMP) ## the benchmark suite, both GPT-2 shapes (~15 min on a 2-core CPU): one table, written to docs/benchmarks.md
+	$(PYTHON) benchmarks/bench_suite.py --write docs/benchmarks.md
 
-.PHONY: help install demo test test-full lint bench
+bench-eval: $(STAMP) ## time the evaluation of 5,000 images (needs the demo's checkpoint: run `make demo` first)
+	$(PYTHON) benchmarks/bench_evaluation.py
+
+.PHONY: help install demo test test-full lint bench bench-eval

@@ -23,6 +23,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ import torch
 from bench_captioner import figure, load_average, machine_description, quiet_libraries, write_markdown
 from clipcap.captioner import ClipCaptioner
 from clipcap.clip import ClipEncoder
+from clipcap.data.records import ImageEntry
+from clipcap.features.encoders import ImageEncoder
 from clipcap.features.extract import extract_entries
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper
@@ -47,6 +50,14 @@ def bench_extraction(
     """Images/s of a fresh extraction of ``images`` training images (nothing cached beforehand)."""
     encoder = ClipEncoder(str(world / CLIP_DIR)).to(device)
     entries = SyntheticCaptions(world_dir=str(world)).entries("train")[:images]
+    return time_extraction(encoder, entries, workers, batch_size)
+
+
+def time_extraction(
+    encoder: ImageEncoder, entries: Sequence[ImageEntry], workers: int, batch_size: int
+) -> tuple[float, int]:
+    """Images/s and images extracted of a fresh ``extract_entries`` run (what ``clipcap features`` does)
+    into a temporary cache: decoding, preprocessing, the vision tower and the cache writes, all timed."""
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         report = extract_entries(

@@ -2,13 +2,14 @@
 
 For GPT-2-shaped LMs with random weights (the ``small`` and ``gpt2-small`` shapes of
 ``bench_captioner.py``) and a receiver CLIP of the ViT-B/32 shape (random weights, 512-d embeddings),
-each step does what ``DiscriTune.forward`` and the optimizer do, with a clock around each part:
+each step is the objective's own ``DiscriTune.forward``, then backward and the optimizer, with clocks
+around the calls the objective makes:
 
 1. rollout: batched greedy ``generate`` of exactly 20 tokens per caption (stops unreachable);
-2. CLIP scoring: the receiver's text tower on the 100 captions and the in-batch retrieval reward;
+2. CLIP scoring: decoding the ids, the receiver's text tower on the captions, the in-batch reward;
 3. log-prob pass: one teacher-forced forward of prefix + caption with gradient, log π, the loss;
 4. backward;
-5. optimizer: Adam step and zeroing the gradients.
+5. optimizer: a fused Adam step and zeroing the gradients.
 
 The mapper and the LM are both trained, as in the paper. Median over the timed steps after a warm-up.
 
@@ -44,62 +45,96 @@ from bench_captioner import (
 )
 from clipcap.captioner import ClipCaptioner
 from clipcap.clip import ClipEncoder
+from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper
 from clipcap.objectives import DiscriTune
-from clipcap.objectives.rewards import caption_log_probs, discriminative_reward, reinforce_loss
 
 CAPTION_TOKENS = 20
 PARTS = ("rollout", "CLIP scoring", "log-prob pass", "backward", "optimizer")
 
 
+class _Clock:
+    """Timestamps taken inside ``DiscriTune.forward`` by wrapping what it calls (device synced)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        synchronize(self.device)
+        self.marks[name] = time.perf_counter()
+
+    def around(self, fn, before: str | None = None, after: str | None = None):
+        def wrapped(*args, **kwargs):
+            if before:
+                self.mark(before)
+            result = fn(*args, **kwargs)
+            if after:
+                self.mark(after)
+            return result
+
+        return wrapped
+
+
 def bench_shape(shape_name: str, batch: int, steps: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each part of a DiscriTune step."""
+    """Median seconds of each part of a DiscriTune step, and of the whole step (key ``"step"``).
+
+    The step is the objective's own ``DiscriTune.forward`` (rollout, receiver, rewards, log-prob pass, loss)
+    then backward and an Adam step; the parts are read from clocks around the calls it makes: the rollout
+    ends when ``generate_ids`` returns, CLIP scoring (decoding the ids, the receiver's text tower, the
+    rewards) ends when the teacher-forced ``captioner.forward`` starts, and the log-prob pass runs from
+    there to the loss.
+    """
     with tempfile.TemporaryDirectory() as folder:
         save_random_gpt2(SHAPES[shape_name], Path(folder))
         torch.manual_seed(0)
         captioner = ClipCaptioner(
             PrefixLM(folder, trainable=True), functools.partial(MLPMapper, prefix_length=10), clip_dim=512
         ).to(device)
+    captioner.train()
     receiver = ClipEncoder.from_model(CLIPModel(CLIPConfig()), name="random ViT-B/32 shape").to(device)
-    optimizer = torch.optim.Adam(captioner.parameters(), lr=1e-7)
-    rollout = DecodingConfig(min_new_tokens=CAPTION_TOKENS, max_new_tokens=CAPTION_TOKENS)
     known_ids = len(captioner.tokenizer)  # the random LM's ids beyond its small tokenizer are mapped into it
-    times: dict[str, list[float]] = {part: [] for part in PARTS}
 
-    clock: dict[str, float] = {}
+    class Objective(DiscriTune):
+        @staticmethod
+        def _texts(captioner: ClipCaptioner, caption_ids: list[list[int]]) -> list[str]:
+            return DiscriTune._texts(captioner, [[i % known_ids for i in ids] for ids in caption_ids])
 
-    def lap(part: str, started: float) -> float:
-        synchronize(device)
-        now = time.perf_counter()
-        clock[part] = now - started
-        return now
+    objective = Objective(
+        rollout=DecodingConfig(min_new_tokens=CAPTION_TOKENS, max_new_tokens=CAPTION_TOKENS)
+    )
+    objective.set_receiver(receiver)
+    optimizer = torch.optim.Adam(captioner.parameters(), lr=1e-7, fused=True)
+    clock = _Clock(device)
+    captioner.generate_ids = clock.around(captioner.generate_ids, after="rollout")
+    captioner.forward = clock.around(captioner.forward, before="teacher forcing")
+    times: dict[str, list[float]] = {part: [] for part in (*PARTS, "step")}
 
     for step in range(steps + 1):
-        features = torch.randn(batch, 512, device=device)
-
-        started = time.perf_counter()
-        caption_ids = captioner.generate_ids(features, rollout)
-        started = lap("rollout", started)
-        texts = captioner.tokenizer.batch_decode([[i % known_ids for i in ids] for ids in caption_ids])
-        with torch.no_grad():
-            text_embeds = receiver.encode_text(texts)
-            rewards = discriminative_reward(
-                text_embeds, features, torch.arange(batch, device=device), receiver.logit_scale
-            )
-        started = lap("CLIP scoring", started)
-        tokens, lengths = DiscriTune._caption_tokens(captioner, caption_ids)
-        log_probs = caption_log_probs(captioner(features, tokens).logits, tokens.input_ids, lengths)
-        loss = reinforce_loss(rewards, -rewards.mean(), log_probs).mean()
-        started = lap("log-prob pass", started)
+        batch_data = CaptionBatch(
+            image_ids=[str(i) for i in range(batch)], clip_features=torch.randn(batch, 512, device=device)
+        )
+        clock.mark("start")
+        loss = objective(captioner, batch_data).loss
+        clock.mark("loss")
         loss.backward()
-        started = lap("backward", started)
+        clock.mark("backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        lap("optimizer", started)
+        clock.mark("optimizer")
+        m = clock.marks
+        parts = {
+            "rollout": m["rollout"] - m["start"],
+            "CLIP scoring": m["teacher forcing"] - m["rollout"],
+            "log-prob pass": m["loss"] - m["teacher forcing"],
+            "backward": m["backward"] - m["loss"],
+            "optimizer": m["optimizer"] - m["backward"],
+            "step": m["optimizer"] - m["start"],
+        }
         if step:  # the first step warms up
-            for part, seconds in clock.items():
+            for part, seconds in parts.items():
                 times[part].append(seconds)
     return {part: statistics.median(values) for part, values in times.items()}
 
@@ -123,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for shape in args.shapes.split(","):
         parts = bench_shape(shape, args.batch, args.steps, device)
-        total = sum(parts.values())
+        total = parts["step"]
         share = (parts["rollout"] + parts["backward"]) / total
         lines.append(
             f"| {shape} | "

@@ -1,0 +1,64 @@
+"""The benchmark suite's smoke run: every row of the table is measured and written, with positive figures."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_suite():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import each other by file name
+    try:
+        yield importlib.import_module("bench_suite")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_quick_run_writes_every_row_with_positive_figures(
+    bench_suite, tiny_world: Path, tmp_path: Path
+) -> None:
+    markdown = tmp_path / "benchmarks.md"
+    markdown.write_text("# Benchmarks\n\n## Results\n")
+    bench_suite.main(["--shapes", "small", "--quick", "--batches", "4,8", "--write", str(markdown)])
+
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks\n\n## Results\n")
+    block = text.split("<!-- bench:suite-cpu -->\n", 1)[1].split("<!-- /bench:suite-cpu -->", 1)[0]
+    assert block.startswith("### Benchmark suite, cpu")
+    for line in ("- Command: `", "- Date (UTC): ", "- Machine: CPU ", "- Load: 1-minute load average "):
+        assert line in block
+    assert "| measurement | setting | unit | small |" in block
+
+    rows = {}
+    for line in block.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0] not in ("measurement", "---"):
+            rows[(cells[0], cells[1])] = float(cells[3])
+    measurements = [measurement for measurement, _ in rows]
+    expected = {
+        "cross-entropy training": 2,
+        "generation, 40 tokens, batch 32": 2,
+        "naive generation, 40 tokens": 2,
+        "greedy speed-up over naive": 1,
+        "beam-5 speed-up over naive": 1,
+        "DiscriTune step": 2,
+        "DiscriTune batch 4: share beyond rollout + backward": 1,
+        "GumbelClip step": 2,
+        "feature extraction": 1,
+    }
+    assert {m: measurements.count(m) for m in expected} == expected
+    assert len(rows) == sum(expected.values())
+    assert all(value > 0 for value in rows.values()), rows
+    assert "ViT-B/32" in block
+    assert re.search(r"Target: beam-5 speed-up over naive ≥ 40×: small [\d.]+× \((met|not met)\)", block)
+    assert re.search(r"share beyond rollout \+ backward < 25 %: small \d+ % \((met|not met)\)", block)
+    for split in ("DiscriTune step split by part", "GumbelClip step split by part"):
+        assert split in block
+    assert "| small | 8 | " in block.split("GumbelClip step split by part", 1)[1]
