@@ -5,8 +5,8 @@ Measures, for GPT-2-shaped LMs with random weights (no downloads):
 1. cross-entropy training samples/s: one full step (tokenize, forward, backward, AdamW, zero grads) on a
    batch of 32 captions of exactly 20 tokens (EOS included), for (a) an MLP mapper with a finetuned LM and
    (b) ClipCap's 8-layer Transformer mapper with a frozen LM;
-2. caption generation captions/s: 32 images, exactly 40 new tokens each (stops made unreachable with
-   ``min_new_tokens = max_new_tokens = 40``), greedy and beam 5, through ``ClipCaptioner.generate_ids``
+2. caption generation captions/s: 32 images, exactly 40 new tokens each (no stops:
+   ``DecodingConfig(max_new_tokens=40, ignore_stops=True)``), greedy and beam 5, through ``ClipCaptioner.generate_ids``
    (batched, KV-cached ``transformers`` generation);
 3. the naive reference decoders (``naive_greedy``, ``naive_beam_search``: one image at a time, whole
    sequence re-run each step, as the original ClipCap) in the same run, with no stop ids so that they also
@@ -288,8 +288,8 @@ def bench_generation(folder: Path, device: torch.device, dtype: str, plan: Plan)
     naive_features = features[: plan.naive_images]
 
     def batched(num_beams: int) -> tuple[float, list[list[int]]]:
-        decoding = DecodingConfig(num_beams=num_beams, min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS)
-        warmup = DecodingConfig(num_beams=num_beams, min_new_tokens=8, max_new_tokens=8)
+        decoding = DecodingConfig(num_beams=num_beams, max_new_tokens=NEW_TOKENS, ignore_stops=True)
+        warmup = DecodingConfig(num_beams=num_beams, max_new_tokens=8, ignore_stops=True)
         outputs: list[list[list[int]]] = []
         with torch.no_grad():
             captioner.generate_ids(features, warmup)
@@ -404,7 +404,7 @@ def notes(results: dict[str, GenerationResult], plan: Plan, parameters: dict[str
         f"{PREFIX_LENGTH}, CLIP features {CLIP_DIM}; median of {plan.train_steps} step(s) after "
         f"{plan.train_warmup} warm-up step(s). Transformer mapper: {TRANSFORMER_MAPPER_LAYERS} layers "
         "(as ClipCap), 8 heads, 10 CLIP tokens.",
-        f"- Generation: {NEW_TOKENS} new tokens per caption (min_new_tokens = max_new_tokens = {NEW_TOKENS}, "
+        f"- Generation: {NEW_TOKENS} new tokens per caption (ignore_stops, max_new_tokens = {NEW_TOKENS}, "
         f"lengths checked), 1 caption per image; batched figures are the median of "
         f"{plan.generation_repeats} call(s) after a warm-up call; naive decoders run on "
         f"{plan.naive_images} image(s), one pass, stop_ids=[].",

@@ -102,9 +102,7 @@ def bench_shape(shape_name: str, batch: int, steps: int, device: torch.device) -
         def _texts(captioner: ClipCaptioner, caption_ids: list[list[int]]) -> list[str]:
             return DiscriTune._texts(captioner, [[i % known_ids for i in ids] for ids in caption_ids])
 
-    objective = Objective(
-        rollout=DecodingConfig(min_new_tokens=CAPTION_TOKENS, max_new_tokens=CAPTION_TOKENS)
-    )
+    objective = Objective(rollout=DecodingConfig(max_new_tokens=CAPTION_TOKENS, ignore_stops=True))
     objective.set_receiver(receiver)
     optimizer = torch.optim.Adam(captioner.parameters(), lr=1e-7, fused=True)
     clock = _Clock(device)

@@ -290,7 +290,7 @@ class Bench:
         if objective_name == "ce":
             objective = CrossEntropy()
         else:
-            rollout = DecodingConfig(min_new_tokens=ROLLOUT_TOKENS, max_new_tokens=ROLLOUT_TOKENS)
+            rollout = DecodingConfig(max_new_tokens=ROLLOUT_TOKENS, ignore_stops=True)
             objective = DiscriTune(rollout=rollout)
             objective.set_receiver(self.receiver)
             self.receiver.to(self.device)

@@ -483,8 +483,8 @@ def notes(
     lines += [
         f"- Training: batch {TRAIN_BATCH}, captions of exactly 20 tokens, prefix {PREFIX_LENGTH}, random CLIP "
         f"features of {CLIP_DIM}; tokenize, forward, backward, AdamW step, zero grads.",
-        f"- Generation: {NEW_TOKENS} new tokens per caption, stops unreachable (min_new_tokens = max_new_tokens "
-        f"= {NEW_TOKENS}; the naive decoders with stop_ids=[]), lengths checked. The naive reference "
+        f"- Generation: {NEW_TOKENS} new tokens per caption, no stops (`DecodingConfig(ignore_stops=True, "
+        f"max_new_tokens={NEW_TOKENS})`; the naive decoders with stop_ids=[]), lengths checked. The naive reference "
         "(`naive_greedy`, `naive_beam_search`) decodes one image at a time and re-runs the whole prefix + "
         "caption at each step; its captions/s is measured in this run on a few images.",
         f"- DiscriTune (`bench_discritune.bench_shape`): greedy rollout of exactly {ROLLOUT_TOKENS} tokens, "

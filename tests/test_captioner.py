@@ -225,3 +225,46 @@ def test_decoding_config_rejects_impossible_settings() -> None:
         DecodingConfig(num_beams=2, num_return_sequences=3)
     with pytest.raises(ValueError):
         DecodingConfig(max_new_tokens=0)
+
+
+def test_ignore_stops_decodes_exactly_max_new_tokens_with_stops_as_ordinary_tokens(gpt2_folder: Path) -> None:
+    """Benchmarks time decoding at a fixed length: every caption runs max_new_tokens steps, and greedy
+    decoding is then the naive decoder with no stop ids (EOS may be chosen like any other token)."""
+    captioner = make_captioner(gpt2_folder).eval()
+    features = torch.randn(4, CLIP_DIM)
+    greedy = captioner.generate_ids(features, DecodingConfig(max_new_tokens=12, ignore_stops=True))
+    with torch.no_grad():
+        expected = naive_greedy(captioner.lm, captioner.prefix(features), 12, stop_ids=[])
+    assert greedy == expected and all(len(ids) == 12 for ids in greedy)
+    beams = captioner.generate_ids(
+        features, DecodingConfig(num_beams=3, max_new_tokens=12, ignore_stops=True)
+    )
+    assert [len(ids) for ids in beams] == [12] * 4
+    assert DecodingConfig(ignore_stops=True).stop_ids(captioner.lm) == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_beams_and_samples_share_one_prefix_pass_with_unchanged_captions(
+    arch: str, gpt2_folder: Path, llama_folder: Path
+) -> None:
+    """The prefix runs once per image and its cache is repeated per beam (or sample); the captions equal
+    those of ``generate`` running the prefix once per beam."""
+    captioner = make_captioner(gpt2_folder if arch == "gpt2" else llama_folder).eval()
+    features = torch.randn(3, CLIP_DIM)
+    for decoding in (
+        DecodingConfig(num_beams=4, num_return_sequences=2, max_new_tokens=9),
+        DecodingConfig(do_sample=True, num_return_sequences=3, max_new_tokens=9),
+    ):
+        prefix = captioner.prefix(features)
+        assert captioner._shared_prefix_cache(prefix, torch.ones(prefix.shape[:2]), decoding) is not None
+        torch.manual_seed(1)
+        shared = captioner.generate_ids(features, decoding)
+        stops = decoding.stop_ids(captioner.lm)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            plain = captioner.lm.model.generate(
+                inputs_embeds=prefix,
+                attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
+                generation_config=decoding.generation_config(stops, captioner.lm.pad_token_id),
+            )
+        assert shared == cut_at_stop(plain, captioner.lm.eos_token_id, stops)

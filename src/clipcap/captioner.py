@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
-from clipcap.generation import DecodingConfig, cut_at_stop, stop_token_ids
+from clipcap.generation import DecodingConfig, cut_at_stop
 from clipcap.lm import PrefixLM
 from clipcap.mapper import Mapper, MapperFactory, MLPMapper
 
@@ -208,7 +209,7 @@ class ClipCaptioner(Captioner):
         """
         decoding = decoding or DecodingConfig()
         prefix = self.prefix(clip_features)
-        stops = stop_token_ids(self.lm, decoding.stop_at_period)
+        stops = decoding.stop_ids(self.lm)
         attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         was_training = self.training
         self.eval()
@@ -216,8 +217,33 @@ class ClipCaptioner(Captioner):
             generated = self.lm.model.generate(
                 inputs_embeds=prefix,
                 attention_mask=attention_mask,
+                past_key_values=self._shared_prefix_cache(prefix, attention_mask, decoding),
                 generation_config=decoding.generation_config(stops, self.lm.pad_token_id),
             )
         finally:
             self.train(was_training)
         return cut_at_stop(generated, self.lm.eos_token_id, stops)
+
+    def _shared_prefix_cache(
+        self, prefix: torch.Tensor, attention_mask: torch.Tensor, decoding: DecodingConfig
+    ) -> DynamicCache | None:
+        """The KV cache of the first P − 1 prefix positions, computed once per image and repeated for each of
+        its beams (or sampled captions), or None when each image decodes one sequence.
+
+        ``generate`` copies its inputs once per beam before the first forward pass, so beam search ran the
+        same prefix through the LM num_beams times; given this cache it runs only the last prefix position
+        per beam. The captions are the same.
+        """
+        copies = decoding.num_beams if decoding.num_beams > 1 else decoding.num_return_sequences
+        if copies == 1 or prefix.shape[1] < 2:
+            return None
+        cache = DynamicCache(config=self.lm.base_model.config)
+        self.lm.model(
+            inputs_embeds=prefix[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+            **({"logits_to_keep": 1} if self.lm.takes_logits_to_keep else {}),
+        )
+        cache.batch_repeat_interleave(copies)
+        return cache

@@ -34,6 +34,9 @@ class DecodingConfig:
         length_penalty: beam search score exponent on length.
         stop_at_period: also stop after the first token containing "." (kept in the caption).
         repetition_penalty: >1 discourages repeating tokens (1.0 is off).
+        ignore_stops: never stop: every caption has exactly ``max_new_tokens`` tokens, EOS and "." being
+            ordinary tokens (how benchmarks time decoding at a fixed length, as vLLM's ``ignore_eos``; no
+            logits processor is added for it, unlike ``min_new_tokens``, which masks the stops each step).
     """
 
     num_beams: int = 1
@@ -47,6 +50,7 @@ class DecodingConfig:
     length_penalty: float = 1.0
     stop_at_period: bool = False
     repetition_penalty: float = 1.0
+    ignore_stops: bool = False
 
     def __post_init__(self) -> None:
         if self.num_beams < 1 or self.num_return_sequences < 1 or self.max_new_tokens < 1:
@@ -58,6 +62,10 @@ class DecodingConfig:
                 f"DecodingConfig: num_return_sequences={self.num_return_sequences} needs num_beams ≥ it "
                 "or do_sample=true"
             )
+
+    def stop_ids(self, lm: PrefixLM) -> list[int]:
+        """The ids that end a caption under these settings (none with ``ignore_stops``)."""
+        return [] if self.ignore_stops else stop_token_ids(lm, self.stop_at_period)
 
     def generation_config(self, stop_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
         """The full ``GenerationConfig``; nothing is inherited from a model's own defaults."""
@@ -73,7 +81,7 @@ class DecodingConfig:
             length_penalty=self.length_penalty,
             repetition_penalty=self.repetition_penalty,
             early_stopping=self.num_beams > 1,
-            eos_token_id=stop_token_ids,
+            eos_token_id=stop_token_ids or None,
             pad_token_id=pad_token_id,
             use_cache=True,
         )

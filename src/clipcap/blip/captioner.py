@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, BlipTextLMHeadModel, PreTrainedTokenizer
 
 from clipcap.blip.checkpoint import DTYPES, load_blip
 from clipcap.captioner import Captioner, CaptionTokens, TeacherForcing
-from clipcap.generation import DecodingConfig, cut_at_stop, stop_token_ids
+from clipcap.generation import DecodingConfig, cut_at_stop
 from clipcap.lm import period_token_ids
 from clipcap.pretrained import resolve_pretrained
 
@@ -264,7 +264,7 @@ class BlipCaptioner(Captioner):
         decoding = decoding or DecodingConfig()
         states = self.image_states(clip_features)
         start = self.start_ids.repeat(states.shape[0], 1)
-        stops = stop_token_ids(self.lm, decoding.stop_at_period)
+        stops = decoding.stop_ids(self.lm)
         was_training = self.training
         self.eval()
         try:
