@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from clipcap.cli import lightning_cli
 from clipcap.data.batch import collate_caption_batch
@@ -239,3 +240,49 @@ def test_bf16_mixed_discritune_matches_fp32(tiny_world: Path, tmp_path: Path, mo
         assert mixed[1]["reward"] == pytest.approx(full[1]["reward"], rel=FP32)
         assert mixed[1]["log_prob"] == pytest.approx(full[1]["log_prob"], rel=BF16)
         assert mixed[1]["loss"] == pytest.approx(full[1]["loss"], rel=BF16)
+
+
+# ------------------------------------------------------------------- gradient clipping, fused optimizer
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_a_fused_optimizer_clips_gradients_like_a_plain_one_under_mixed_precision(
+    world, precision: str
+) -> None:
+    """Lightning refuses to clip gradients for a fused optimizer (the configs' default) under mixed
+    precision; CaptionModule clips them itself, unscaling fp16 gradients first. One clipped SGD step (whose
+    update is the clipped gradient itself) leaves the same weights as the per-tensor SGD through
+    Lightning's own clipping, and a much smaller update than without clipping."""
+    from torch.utils.data import DataLoader
+
+    from clipcap.objectives import CrossEntropy
+    from clipcap.training import CaptionModule
+
+    datamodule, _ = world
+    pairs = CaptionPairs(datamodule.split("train"))
+    loader = DataLoader([pairs[i] for i in range(8)], batch_size=8, collate_fn=collate_caption_batch)
+
+    def one_step(fused: bool, clip: float | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        module = CaptionModule(
+            tiny_captioner(datamodule.clip_dim),
+            CrossEntropy(),
+            optimizer=lambda params: torch.optim.SGD(params, lr=1.0, fused=fused),
+        )
+        before = {k: v.clone() for k, v in module.captioner.mapper.state_dict().items()}
+        # Lightning turns "16-mixed" into bf16 on a CPU; the plugin itself keeps fp16 and a GradScaler.
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if precision == "16-mixed" else None
+        trainer = pl.Trainer(
+            max_steps=1, plugins=[MixedPrecision(precision, "cpu", scaler)], gradient_clip_val=clip,
+            accelerator="cpu", logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=loader)
+        return {k: v - before[k] for k, v in module.captioner.mapper.state_dict().items()}
+
+    plain, fused, unclipped = one_step(False, 0.01), one_step(True, 0.01), one_step(True, None)
+    norm = torch.cat([update.flatten() for update in fused.values()]).norm()
+    assert norm < 0.011 < torch.cat([update.flatten() for update in unclipped.values()]).norm()
+    for key, update in plain.items():
+        torch.testing.assert_close(fused[key], update, rtol=1e-4, atol=1e-7)

@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 
 from clipcap.captioner import Captioner
 from clipcap.data.batch import CaptionBatch
@@ -193,6 +194,29 @@ class CaptionModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's gradient clipping, which it refuses for a fused optimizer (our default) under
+        ``bf16-mixed`` or ``16-mixed``, because a fused step unscales fp16 gradients itself. Here such a
+        step clips too: under bf16 nothing is scaled; under fp16 the gradients are unscaled first, and
+        torch's ``GradScaler`` then tells the fused step they are (it does not unscale twice)."""
+        precision = self.trainer.precision_plugin
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not (gradient_clip_val and fused and isinstance(precision, MixedPrecision)):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if precision.scaler is not None:
+            precision.scaler.unscale_(optimizer)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == GradClipAlgorithmType.VALUE:
+            torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
 
     def _frozen_keys(self) -> set[str]:
         """State-dict keys of frozen language-model weights (a frozen LM, or the base under LoRA
