@@ -219,6 +219,7 @@ def estimate(shape: Shape, setting: Setting, batch: int, receiver_parameters: in
         lora_dropout=LORA.dropout,
         mapper_hidden_dim=mapper_hidden(setting.mapper, shape),
         receiver_parameters=receiver_parameters,
+        adam_foreach=False,  # the LLaMA configs use fused AdamW, which keeps no step temporary
     )
 
 
@@ -296,7 +297,9 @@ class Bench:
             self.receiver.to(self.device)
         objective.train()
         captioner.train()
-        optimizer = torch.optim.AdamW([p for p in captioner.parameters() if p.requires_grad], lr=2e-5)
+        optimizer = torch.optim.AdamW(
+            [p for p in captioner.parameters() if p.requires_grad], lr=2e-5, fused=True
+        )
         features = self.features.to(self.device)
         caption_length = captioner.encode_captions(self.captions[:1]).input_ids.shape[1]
         if caption_length != CAPTION_TOKENS:
