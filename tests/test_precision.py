@@ -286,3 +286,29 @@ def test_a_fused_optimizer_clips_gradients_like_a_plain_one_under_mixed_precisio
     assert norm < 0.011 < torch.cat([update.flatten() for update in unclipped.values()]).norm()
     for key, update in plain.items():
         torch.testing.assert_close(fused[key], update, rtol=1e-4, atol=1e-7)
+
+
+def test_clipping_by_norm_under_fsdp_goes_to_the_root_fsdp_module(world) -> None:
+    """Lightning refuses norm clipping under FSDP (torch's clip_grad_norm_ would see one rank's shard);
+    CaptionModule asks the root FSDP module, whose clip_grad_norm_ takes the norm over every shard. FSDP
+    cannot run on a CPU, so the root is a stand-in that records the call."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from clipcap.objectives import CrossEntropy
+    from clipcap.training import CaptionModule
+
+    datamodule, _ = world
+    module = CaptionModule(tiny_captioner(datamodule.clip_dim), CrossEntropy())
+    calls: list[float] = []
+    strategy = FSDPStrategy()
+    strategy.model = SimpleNamespace(clip_grad_norm_=calls.append)
+    module._trainer = SimpleNamespace(strategy=strategy, precision_plugin=Precision())
+    optimizer = module.configure_optimizers()
+    module.configure_gradient_clipping(optimizer, 1.0, "norm")
+    assert calls == [1.0]
+    strategy.model = torch.nn.Linear(2, 2)  # not wrapped by FSDP: refused with the way out
+    with pytest.raises(RuntimeError, match="gradient_clip_algorithm=value"):
+        module.configure_gradient_clipping(optimizer, 1.0, "norm")

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 
 from clipcap.captioner import Captioner
@@ -201,22 +202,45 @@ class CaptionModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Lightning's gradient clipping, which it refuses for a fused optimizer (our default) under
-        ``bf16-mixed`` or ``16-mixed``, because a fused step unscales fp16 gradients itself. Here such a
-        step clips too: under bf16 nothing is scaled; under fp16 the gradients are unscaled first, and
-        torch's ``GradScaler`` then tells the fused step they are (it does not unscale twice)."""
-        precision = self.trainer.precision_plugin
+        """Lightning's gradient clipping, plus two cases it refuses.
+
+        - A fused optimizer (the configs' default) under ``bf16-mixed`` or ``16-mixed``, refused because a
+          fused step unscales fp16 gradients itself: under bf16 nothing is scaled; under fp16 the gradients
+          are unscaled here first, and torch's ``GradScaler`` then tells the fused step so.
+        - Clipping by norm under FSDP, refused because each rank holds a shard of the gradients: the root
+          FSDP module's ``clip_grad_norm_`` takes the norm over all shards.
+        """
+        if not gradient_clip_val:
+            return
+        strategy, precision = self.trainer.strategy, self.trainer.precision_plugin
+        by_value = gradient_clip_algorithm == GradClipAlgorithmType.VALUE
+        if isinstance(strategy, FSDPStrategy) and not by_value:
+            root = strategy.model
+            if not hasattr(root, "clip_grad_norm_"):
+                raise RuntimeError(
+                    f"CaptionModule: clipping by norm under FSDP needs the root module wrapped by FSDP, got "
+                    f"{type(root).__name__}; set trainer.gradient_clip_algorithm=value or drop the clipping"
+                )
+            self._unscale(optimizer)
+            root.clip_grad_norm_(gradient_clip_val)
+            return
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
-        if not (gradient_clip_val and fused and isinstance(precision, MixedPrecision)):
+        if not (fused and isinstance(precision, MixedPrecision)):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        if precision.scaler is not None:
-            precision.scaler.unscale_(optimizer)
+        self._unscale(optimizer)
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        if gradient_clip_algorithm == GradClipAlgorithmType.VALUE:
+        if by_value:
             torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+
+    def _unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unscales fp16 gradients before clipping where the precision plugin left them scaled (a fused
+        optimizer, which would unscale them in its step); a no-op without a scaler."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
 
     def _frozen_keys(self) -> set[str]:
         """State-dict keys of frozen language-model weights (a frozen LM, or the base under LoRA
