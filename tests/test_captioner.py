@@ -268,3 +268,36 @@ def test_beams_and_samples_share_one_prefix_pass_with_unchanged_captions(
                 generation_config=decoding.generation_config(stops, captioner.lm.pad_token_id),
             )
         assert shared == cut_at_stop(plain, captioner.lm.eos_token_id, stops)
+
+
+def test_compiled_teacher_forcing_equals_eager_and_keeps_the_weights_where_they_are(
+    gpt2_folder: Path,
+) -> None:
+    """``PrefixLM(compile=...)`` runs the teacher-forced pass through torch.compile (here with the
+    ``aot_eager`` backend: dynamo's graph capture and AOT autograd, without inductor's C++ build): the same
+    logits and gradients as eager for two caption lengths, the same state-dict keys, the same captions."""
+    eager = make_captioner(gpt2_folder).eval()
+    torch.manual_seed(0)
+    compiled = ClipCaptioner(
+        PrefixLM(str(gpt2_folder), trainable=True, compile={"backend": "aot_eager", "dynamic": True}),
+        functools.partial(MLPMapper, prefix_length=4),
+        clip_dim=CLIP_DIM,
+        max_caption_tokens=20,
+    ).eval()
+    compiled.load_state_dict(eager.state_dict())
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    features = torch.randn(3, CLIP_DIM)
+    for captions in (["a red circle."] * 3, ["a small blue square on the left of a big green one"] * 3):
+        batch = CaptionBatch(["a", "b", "c"], features, captions)
+        losses = [CrossEntropy()(model, batch).loss for model in (eager, compiled)]
+        torch.testing.assert_close(losses[1], losses[0])
+        grads = [
+            torch.autograd.grad(loss, model.mapper.parameters())
+            for loss, model in zip(losses, (eager, compiled), strict=True)
+        ]
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(b, a)
+    decoding = DecodingConfig(max_new_tokens=8, num_beams=2)
+    assert compiled.generate_ids(features, decoding) == eager.generate_ids(features, decoding)
+    with pytest.raises(ValueError, match="compile must be"):
+        PrefixLM(str(gpt2_folder), compile="yes")

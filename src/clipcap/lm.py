@@ -38,6 +38,11 @@ class PrefixLM(nn.Module):
         lora: LoRA settings (peft); the base stays frozen. Not with ``trainable``.
         quantization: load the frozen base in ``8bit`` or ``4bit`` (NF4) through bitsandbytes (the
             optional ``quantization`` extra; CUDA only). Not with ``trainable``.
+        compile: run the teacher-forced forward pass (cross-entropy, DiscriTune's log π, the KL terms)
+            through ``torch.compile``: True with ``dynamic=True`` (caption lengths vary by batch), or a dict
+            of ``torch.compile`` arguments (``mode: max-autotune``, ``backend``, ...). Decoding and the
+            Gumbel rollout, which grow a KV cache step by step, stay eager. The first batches of each new
+            shape pay the compilation.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class PrefixLM(nn.Module):
         gradient_checkpointing: bool = False,
         lora: LoraSettings | None = None,
         quantization: str | None = None,
+        compile: bool | dict = False,
     ) -> None:
         super().__init__()
         if dtype not in _DTYPES:
@@ -63,6 +69,7 @@ class PrefixLM(nn.Module):
                 f"PrefixLM: cannot load a causal LM and its tokenizer from pretrained={pretrained!r}: {error}"
             ) from error
         self._setup(model, tokenizer, pretrained, trainable, gradient_checkpointing, lora, quantization)
+        self._compile(compile)
 
     @classmethod
     def from_model(
@@ -73,6 +80,7 @@ class PrefixLM(nn.Module):
         trainable: bool = False,
         gradient_checkpointing: bool = False,
         lora: LoraSettings | None = None,
+        compile: bool | dict = False,
     ) -> PrefixLM:
         """A ``PrefixLM`` around a model already in memory (benchmarks, tests), set up exactly as one loaded
         from ``pretrained``. It has no source to reload a frozen base from, so checkpoints that leave the
@@ -81,7 +89,19 @@ class PrefixLM(nn.Module):
         lm = cls.__new__(cls)
         nn.Module.__init__(lm)
         lm._setup(model, tokenizer, name, trainable, gradient_checkpointing, lora, None)
+        lm._compile(compile)
         return lm
+
+    def _compile(self, compile: bool | dict) -> None:
+        if not isinstance(compile, (bool, dict)):
+            raise ValueError(
+                f"PrefixLM: compile must be true/false or a dict of torch.compile arguments, got {compile!r}"
+            )
+        options = ({"dynamic": True} if compile is True else dict(compile)) if compile else None
+        self.compile_options = options
+        # A plain attribute, not a submodule: the compiled function wraps self.model, whose weights (and
+        # state-dict keys) stay where they are.
+        self._compiled_logits = torch.compile(self._logits, **options) if options is not None else None
 
     def _setup(
         self,
@@ -114,6 +134,14 @@ class PrefixLM(nn.Module):
         # from_pretrained returns a model in eval mode, and Lightning keeps each submodule's mode: a trained
         # LM must start in training mode (dropout on, as when finetuning), and then follows its parent.
         self.model.train(self.trains)
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether any layer has Hugging Face gradient checkpointing on, which drops the KV cache in
+        training mode."""
+        return any(
+            getattr(module, "gradient_checkpointing", False) is True for module in self.model.modules()
+        )
 
     @property
     def trains(self) -> bool:
@@ -179,6 +207,12 @@ class PrefixLM(nn.Module):
         Returns:
             (B, T', V) logits, T' = ``logits_to_keep`` or T.
         """
+        run = self._compiled_logits or self._logits
+        return run(inputs_embeds, attention_mask, logits_to_keep)
+
+    def _logits(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, logits_to_keep: int
+    ) -> torch.Tensor:
         kwargs = {}
         if logits_to_keep and self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
