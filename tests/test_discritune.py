@@ -391,3 +391,60 @@ def test_resumed_training_continues_as_if_never_stopped(ce_run, tmp_path: Path) 
     resumed_moments = [s["exp_avg"] for s in resumed.trainer.optimizers[0].state.values()]
     for got, want in zip(resumed_moments, moments, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def _without_dropout(captioner):
+    for module in captioner.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return captioner
+
+
+@pytest.mark.parametrize(
+    "rollout, baseline",
+    [
+        (DecodingConfig(max_new_tokens=12, stop_at_period=True), None),  # the paper's: greedy, stop at "."
+        (DecodingConfig(do_sample=True, max_new_tokens=12), LeaveOneOutBaseline(samples=3)),
+    ],
+)
+@pytest.mark.parametrize("trainable", [True, False])
+def test_log_probs_from_the_rollout_equal_the_teacher_forced_pass_without_dropout(
+    rollout: DecodingConfig, baseline, trainable: bool, world_batch
+) -> None:
+    """``log_probs_from_rollout`` reads log π from the rollout's own logits (decoded with gradients)
+    instead of a second, teacher-forced pass. Without dropout both see the same network: the same captions,
+    log π, loss and gradients, for greedy captions stopped at "." or at EOS, and for k samples per image."""
+    datamodule, batch = world_batch
+    results = []
+    for from_rollout in (False, True):
+        torch.manual_seed(0)
+        captioner = _without_dropout(tiny_captioner(datamodule.clip_dim, trainable=trainable)).train()
+        objective = DiscriTune(
+            rollout=rollout,
+            baseline=baseline if baseline is None else LeaveOneOutBaseline(samples=3),
+            log_probs_from_rollout=from_rollout,
+        )
+        objective.setup(datamodule)
+        torch.manual_seed(1)
+        output = objective(captioner, batch)
+        output.loss.backward()
+        grads = [p.grad.clone() for p in captioner.parameters() if p.requires_grad]
+        results.append((output, grads))
+    (teacher, teacher_grads), (fused, fused_grads) = results
+    assert fused.terms["caption_tokens"] == teacher.terms["caption_tokens"]
+    torch.testing.assert_close(fused.terms["reward"], teacher.terms["reward"])
+    torch.testing.assert_close(fused.terms["log_prob"], teacher.terms["log_prob"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.loss, teacher.loss, rtol=1e-5, atol=1e-6)
+    assert len(fused_grads) == len(teacher_grads) > (2 if trainable else 0)
+    for a, b in zip(fused_grads, teacher_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_log_probs_from_the_rollout_refuse_gradient_checkpointing(world_batch) -> None:
+    datamodule, batch = world_batch
+    captioner = tiny_captioner(datamodule.clip_dim, trainable=True).train()
+    captioner.lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    objective = DiscriTune(log_probs_from_rollout=True)
+    objective.setup(datamodule)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        objective(captioner, batch)

@@ -224,6 +224,45 @@ class ClipCaptioner(Captioner):
             self.train(was_training)
         return cut_at_stop(generated, self.lm.eos_token_id, stops)
 
+    def rollout_with_logits(
+        self, clip_features: torch.Tensor, decoding: DecodingConfig
+    ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """Decodes as :meth:`generate_ids` does, but in the current mode (dropout on in training) and with
+        gradients, keeping each step's logits: a REINFORCE objective reads log π of the captions from the
+        pass that chose them instead of running them through the LM again (what the original DiscriTune
+        code does, with ``generate`` undecorated).
+
+        Returns:
+            The B·R caption id lists (cut after their stops, as ``generate_ids``), the (B·R, T) generated
+            ids, stops included, and the (B·R, T, V) raw logits of each step (before any logits processor),
+            ``logits[:, t]`` predicting ``ids[:, t]``, with gradients to the mapper and the trained LM.
+        """
+        if self.lm.checkpointing and self.training:
+            raise ValueError(
+                "rollout_with_logits: the LM has gradient checkpointing on, which drops the KV cache in "
+                "training mode (every step would re-run the whole sequence); turn it off or score the "
+                "captions with a separate teacher-forced pass"
+            )
+        prefix = self.prefix(clip_features)
+        stops = decoding.stop_ids(self.lm)
+        attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        model = (
+            self.lm.base_model
+        )  # under LoRA the adapters live inside it; peft's generate would not undecorate
+        # transformers' generate is decorated with torch.no_grad(); its undecorated body keeps the graph.
+        generate = type(model).generate.__wrapped__
+        config = decoding.generation_config(stops, self.lm.pad_token_id)
+        config.output_logits = config.return_dict_in_generate = True
+        output = generate(
+            model,
+            inputs_embeds=prefix,
+            attention_mask=attention_mask,
+            past_key_values=self._shared_prefix_cache(prefix, attention_mask, decoding),
+            generation_config=config,
+        )
+        logits = torch.stack(output.logits, dim=1)
+        return cut_at_stop(output.sequences, self.lm.eos_token_id, stops), output.sequences, logits
+
     def _shared_prefix_cache(
         self, prefix: torch.Tensor, attention_mask: torch.Tensor, decoding: DecodingConfig
     ) -> DynamicCache | None:

@@ -143,11 +143,7 @@ def gumbel_rollout(
     tau = options.temperature if temperature is None else _check_temperature(temperature)
     lm = captioner.lm
     model = lm.model
-    # Any layer with Hugging Face gradient checkpointing on drops the cache in training mode.
-    hf_checkpointing = any(
-        getattr(module, "gradient_checkpointing", False) is True for module in model.modules()
-    )
-    if options.use_cache and hf_checkpointing and model.training:
+    if options.use_cache and lm.checkpointing and model.training:
         raise ValueError(
             "gumbel_rollout: the LM has Hugging Face gradient checkpointing on, which drops the KV cache in "
             "training mode; build PrefixLM(gradient_checkpointing=False) and set "

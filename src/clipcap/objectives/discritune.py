@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipcap.captioner import Captioner, CaptionTokens
+from clipcap.captioner import Captioner, CaptionTokens, ClipCaptioner
 from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.objectives.base import Objective, ObjectiveOutput
@@ -74,6 +74,13 @@ class DiscriTune(Objective):
             the training split's cached features, on top of the in-batch ones (0 is off, the paper's).
         duplicate_threshold: neighbours at least this cosine-similar to the image are near-duplicates and
             never used as distractors; the image itself and the rest of the batch never are either.
+        log_probs_from_rollout: take log π from the rollout itself, decoded with gradients in training mode
+            (as the original DiscriTune code does), instead of a second, teacher-forced pass over the
+            captions (the default). It saves that forward pass (a third of a GPT-2-small step on CPU,
+            docs/benchmarks.md) but keeps every step's KV cache for backward, O(L²) in the caption length
+            instead of O(L), and backward runs step by step; and the greedy tokens are chosen with dropout
+            on. Without dropout log π and its gradient are the teacher-forced ones. A ``ClipCaptioner``
+            without gradient checkpointing only.
     """
 
     needs_captions = False
@@ -89,6 +96,7 @@ class DiscriTune(Objective):
         kl_coefficient: float = 0.0,
         hard_negatives: int = 0,
         duplicate_threshold: float = 0.95,
+        log_probs_from_rollout: bool = False,
     ) -> None:
         super().__init__()
         self.rollout = rollout or DecodingConfig(max_new_tokens=20, stop_at_period=True)
@@ -119,6 +127,7 @@ class DiscriTune(Objective):
             )
         self.hard_negatives = hard_negatives
         self.duplicate_threshold = duplicate_threshold
+        self.log_probs_from_rollout = log_probs_from_rollout
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
 
     # The receiver is frozen and large: it is kept out of the module tree so that checkpoints do not carry
@@ -237,11 +246,20 @@ class DiscriTune(Objective):
                 "receiver_features_dir to caches made with the receiver)"
             )
 
-        # 1. Rollout (no gradient), cut after the stop; EOS dropped, a "." kept as caption text. With k
-        # samples per image the B·k captions are image-major.
+        # 1. Rollout, cut after the stop; EOS dropped, a "." kept as caption text. With k samples per image
+        # the B·k captions are image-major. No gradient, unless log π comes from the rollout itself.
         k = self.baseline.samples_per_image
         rollout = self.rollout if k == 1 else replace(self.rollout, num_return_sequences=k)
-        caption_ids = captioner.generate_ids(features, rollout)
+        if self.log_probs_from_rollout:
+            if not isinstance(captioner, ClipCaptioner):
+                raise ValueError(
+                    "DiscriTune: log_probs_from_rollout needs a ClipCaptioner (a prefix LM decoded by "
+                    f"generate), got {type(captioner).__name__}; drop it to score captions with a "
+                    "teacher-forced pass"
+                )
+            caption_ids, rollout_ids, rollout_logits = captioner.rollout_with_logits(features, rollout)
+        else:
+            caption_ids = captioner.generate_ids(features, rollout)
         texts = self._texts(captioner, caption_ids)
 
         reference_texts = None
@@ -274,10 +292,14 @@ class DiscriTune(Objective):
             similarities = text_embeds @ torch.nn.functional.normalize(candidates, dim=-1).T
             picked = similarities.argmax(1) == targets
 
-        # 3. log π of the same captions, with gradient: one teacher-forced pass.
+        # 3. log π of the same captions, with gradient: one teacher-forced pass, or the rollout's own logits
+        # (position t of both predicts caption token t; both count the tokens before the stop).
         tokens, lengths = self._caption_tokens(captioner, caption_ids)
-        logits = captioner(features.repeat_interleave(k, dim=0) if k > 1 else features, tokens).logits
-        log_probs = caption_log_probs(logits, tokens.input_ids, lengths)
+        if self.log_probs_from_rollout:
+            log_probs = caption_log_probs(rollout_logits, rollout_ids, lengths)
+        else:
+            logits = captioner(features.repeat_interleave(k, dim=0) if k > 1 else features, tokens).logits
+            log_probs = caption_log_probs(logits, tokens.input_ids, lengths)
         terms: dict[str, torch.Tensor] = {}
         if self.kl_coefficient > 0:
             with torch.no_grad():
