@@ -78,14 +78,18 @@ class _Clock:
         return wrapped
 
 
-def bench_shape(shape_name: str, batch: int, steps: int, device: torch.device) -> dict[str, float]:
+def bench_shape(
+    shape_name: str, batch: int, steps: int, device: torch.device, from_rollout: bool = False
+) -> dict[str, float]:
     """Median seconds of each part of a DiscriTune step, and of the whole step (key ``"step"``).
 
     The step is the objective's own ``DiscriTune.forward`` (rollout, receiver, rewards, log-prob pass, loss)
     then backward and an Adam step; the parts are read from clocks around the calls it makes: the rollout
-    ends when ``generate_ids`` returns, CLIP scoring (decoding the ids, the receiver's text tower, the
-    rewards) ends when the teacher-forced ``captioner.forward`` starts, and the log-prob pass runs from
-    there to the loss.
+    ends when ``generate_ids`` (or, ``from_rollout``, ``rollout_with_logits``) returns, CLIP scoring
+    (decoding the ids, the receiver's text tower, the rewards) ends when the captions' tokens are built
+    for log π, and the log-prob pass runs from there to the loss: a teacher-forced forward pass, or with
+    ``from_rollout`` (``DiscriTune(log_probs_from_rollout=True)``) only picking log π from the rollout's
+    logits.
     """
     with tempfile.TemporaryDirectory() as folder:
         save_random_gpt2(SHAPES[shape_name], Path(folder))
@@ -102,12 +106,16 @@ def bench_shape(shape_name: str, batch: int, steps: int, device: torch.device) -
         def _texts(captioner: ClipCaptioner, caption_ids: list[list[int]]) -> list[str]:
             return DiscriTune._texts(captioner, [[i % known_ids for i in ids] for ids in caption_ids])
 
-    objective = Objective(rollout=DecodingConfig(max_new_tokens=CAPTION_TOKENS, ignore_stops=True))
+    objective = Objective(
+        rollout=DecodingConfig(max_new_tokens=CAPTION_TOKENS, ignore_stops=True),
+        log_probs_from_rollout=from_rollout,
+    )
     objective.set_receiver(receiver)
     optimizer = torch.optim.Adam(captioner.parameters(), lr=1e-7, fused=True)
     clock = _Clock(device)
     captioner.generate_ids = clock.around(captioner.generate_ids, after="rollout")
-    captioner.forward = clock.around(captioner.forward, before="teacher forcing")
+    captioner.rollout_with_logits = clock.around(captioner.rollout_with_logits, after="rollout")
+    Objective._caption_tokens = staticmethod(clock.around(DiscriTune._caption_tokens, before="scored"))
     times: dict[str, list[float]] = {part: [] for part in (*PARTS, "step")}
 
     for step in range(steps + 1):
@@ -125,8 +133,8 @@ def bench_shape(shape_name: str, batch: int, steps: int, device: torch.device) -
         m = clock.marks
         parts = {
             "rollout": m["rollout"] - m["start"],
-            "CLIP scoring": m["teacher forcing"] - m["rollout"],
-            "log-prob pass": m["loss"] - m["teacher forcing"],
+            "CLIP scoring": m["scored"] - m["rollout"],
+            "log-prob pass": m["loss"] - m["scored"],
             "backward": m["backward"] - m["loss"],
             "optimizer": m["optimizer"] - m["backward"],
             "step": m["optimizer"] - m["start"],

@@ -8,7 +8,8 @@ For the two GPT-2 shapes of ``bench_captioner.py`` with random weights (``small`
 2. caption generation, captions/s: 32 images, exactly 40 new tokens each (stops unreachable), greedy and
    beam 5, batched and KV-cached; the naive reference decoders (one image at a time, whole sequence re-run
    at each step) in the same run, and the speed-up over them (``bench_captioner.bench_generation``);
-3. one DiscriTune step at batch 32 and 100, s/step, split by part (``bench_discritune.bench_shape``);
+3. one DiscriTune step at batch 32 and 100, s/step, split by part (``bench_discritune.bench_shape``), with
+   log π from a teacher-forced pass (the default) and from the rollout (``log_probs_from_rollout``);
 4. one GumbelClip step at batch 32 and 100, s/step, split by part (:func:`bench_gumbel_clip`: the real
    ``clipcap.objectives.GumbelClip`` with a 20-step rollout, a random CLIP of the ViT-B/32 shape and the
    vocabulary bridge, then backward and an Adam step);
@@ -136,6 +137,7 @@ class ShapeResults:
         training: samples/s by training setting.
         generation: batched and naive captions/s.
         discritune: median seconds by part, by batch.
+        discritune_fused: the same with ``DiscriTune(log_probs_from_rollout=True)``.
         gumbel: median seconds by part, by batch.
         extraction: ``(images/s, images extracted)``.
     """
@@ -144,6 +146,7 @@ class ShapeResults:
     training: dict[str, float] = field(default_factory=dict)
     generation: GenerationResult | None = None
     discritune: dict[int, dict[str, float]] = field(default_factory=dict)
+    discritune_fused: dict[int, dict[str, float]] = field(default_factory=dict)
     gumbel: dict[int, dict[str, float]] = field(default_factory=dict)
     extraction: tuple[float, int] | None = None
 
@@ -363,20 +366,24 @@ def suite_rows(results: dict[str, ShapeResults], batches: tuple[int, ...]) -> li
         "×",
         generation(lambda g: g.batched_beam / g.naive_beam),
     )
-    for index, batch in enumerate(batches):
-        add(
-            "DiscriTune step",
-            f"batch {batch}, greedy rollout of {ROLLOUT_TOKENS} tokens",
-            "s/step",
-            step("discritune", batch, lambda parts: step_seconds(parts, DISCRITUNE_PARTS)),
-        )
-        if index == 0:
+    for group, how in (
+        ("discritune", "log π by a teacher-forced pass (default)"),
+        ("discritune_fused", "log π from the rollout (log_probs_from_rollout)"),
+    ):
+        for index, batch in enumerate(batches):
             add(
-                f"DiscriTune batch {batch}: share beyond rollout + backward",
-                "1 − (rollout + backward) / step",
-                "%",
-                step("discritune", batch, lambda parts: 100 * discritune_share(parts)),
+                "DiscriTune step",
+                f"batch {batch}, greedy rollout of {ROLLOUT_TOKENS} tokens, {how}",
+                "s/step",
+                step(group, batch, lambda parts: step_seconds(parts, DISCRITUNE_PARTS)),
             )
+            if index == 0:
+                add(
+                    f"DiscriTune batch {batch}: share beyond rollout + backward",
+                    f"1 − (rollout + backward) / step, {how}",
+                    "%",
+                    step(group, batch, lambda parts: 100 * discritune_share(parts)),
+                )
     for batch in batches:
         add(
             "GumbelClip step",
@@ -453,19 +460,23 @@ def verdicts(results: dict[str, ShapeResults], batches: tuple[int, ...]) -> list
         lines.append(
             f"- Target: beam-{BEAMS} speed-up over naive ≥ {BEAM_TARGET:.0f}×: {'; '.join(verdict)}."
         )
-    shares = {
-        shape: discritune_share(r.discritune[batches[0]])
-        for shape, r in results.items()
-        if batches[0] in r.discritune
-    }
-    if shares:
-        verdict = [
-            f"{s} {100 * x:.0f} % ({'met' if x < SHARE_TARGET else 'not met'})" for s, x in shares.items()
-        ]
-        lines.append(
-            f"- Target: DiscriTune batch {batches[0]} share beyond rollout + backward < "
-            f"{100 * SHARE_TARGET:.0f} %: {'; '.join(verdict)}."
-        )
+    for group, how in (
+        ("discritune", "teacher-forced log π"),
+        ("discritune_fused", "log π from the rollout"),
+    ):
+        shares = {
+            shape: discritune_share(getattr(r, group)[batches[0]])
+            for shape, r in results.items()
+            if batches[0] in getattr(r, group)
+        }
+        if shares:
+            verdict = [
+                f"{s} {100 * x:.0f} % ({'met' if x < SHARE_TARGET else 'not met'})" for s, x in shares.items()
+            ]
+            lines.append(
+                f"- Target: DiscriTune batch {batches[0]} share beyond rollout + backward < "
+                f"{100 * SHARE_TARGET:.0f} %, {how}: {'; '.join(verdict)}."
+            )
     return lines
 
 
@@ -561,9 +572,11 @@ def run_shape(
                 )
     if "discritune" in groups:
         for index, batch in enumerate(batches):
-            parts = bench_discritune(shape, batch, plan.steps_at(index), device)
-            result.discritune[batch] = parts
-            done(f"DiscriTune batch {batch}: {figure(step_seconds(parts, DISCRITUNE_PARTS))} s/step")
+            for from_rollout in (False, True):
+                parts = bench_discritune(shape, batch, plan.steps_at(index), device, from_rollout)
+                (result.discritune_fused if from_rollout else result.discritune)[batch] = parts
+                how = ", log π from the rollout" if from_rollout else ""
+                done(f"DiscriTune batch {batch}{how}: {figure(step_seconds(parts, DISCRITUNE_PARTS))} s/step")
     if "gumbel" in groups:
         captioner, objective = gumbel_clip_setup(shape, device)
         for index, batch in enumerate(batches):
@@ -632,8 +645,14 @@ def main(argv: list[str] | None = None) -> None:
         suite_table(suite_rows(results, batches), shapes),
         "\n".join(verdicts(results, batches) + notes(results, plans, groups, batches)),
         split_table(
-            "DiscriTune step split by part (median seconds):",
+            "DiscriTune step (teacher-forced log π, the default) split by part (median seconds):",
             {shape: r.discritune for shape, r in results.items()},
+            DISCRITUNE_PARTS,
+        ),
+        split_table(
+            "DiscriTune step with `log_probs_from_rollout`, split by part (median seconds; the log-prob "
+            "pass only picks log π from the rollout's logits):",
+            {shape: r.discritune_fused for shape, r in results.items()},
             DISCRITUNE_PARTS,
         ),
         split_table(

@@ -48,8 +48,8 @@ def test_quick_run_writes_every_row_with_positive_figures(
         "naive generation, 40 tokens": 2,
         "greedy speed-up over naive": 1,
         "beam-5 speed-up over naive": 1,
-        "DiscriTune step": 2,
-        "DiscriTune batch 4: share beyond rollout + backward": 1,
+        "DiscriTune step": 4,  # teacher-forced log π and log π from the rollout
+        "DiscriTune batch 4: share beyond rollout + backward": 2,
         "GumbelClip step": 2,
         "feature extraction": 1,
     }
@@ -58,7 +58,14 @@ def test_quick_run_writes_every_row_with_positive_figures(
     assert all(value > 0 for value in rows.values()), rows
     assert "ViT-B/32" in block
     assert re.search(r"Target: beam-5 speed-up over naive ≥ 40×: small [\d.]+× \((met|not met)\)", block)
-    assert re.search(r"share beyond rollout \+ backward < 25 %: small \d+ % \((met|not met)\)", block)
-    for split in ("DiscriTune step split by part", "GumbelClip step split by part"):
+    for how in ("teacher-forced log π", "log π from the rollout"):
+        assert re.search(
+            rf"share beyond rollout \+ backward < 25 %, {how}: small \d+ % \((met|not met)\)", block
+        )
+    for split in (
+        "DiscriTune step (teacher-forced log π, the default) split by part",
+        "DiscriTune step with `log_probs_from_rollout`, split by part",
+        "GumbelClip step split by part",
+    ):
         assert split in block
     assert "| small | 8 | " in block.split("GumbelClip step split by part", 1)[1]
