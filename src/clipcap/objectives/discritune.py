@@ -76,11 +76,11 @@ class DiscriTune(Objective):
             never used as distractors; the image itself and the rest of the batch never are either.
         log_probs_from_rollout: take log π from the rollout itself, decoded with gradients in training mode
             (as the original DiscriTune code does), instead of a second, teacher-forced pass over the
-            captions (the default). It saves that forward pass (a third of a GPT-2-small step on CPU,
-            docs/benchmarks.md) but keeps every step's KV cache for backward, O(L²) in the caption length
-            instead of O(L), and backward runs step by step; and the greedy tokens are chosen with dropout
-            on. Without dropout log π and its gradient are the teacher-forced ones. A ``ClipCaptioner``
-            without gradient checkpointing only.
+            captions (the default). It saves that forward pass, but backward runs through the rollout step
+            by step and keeps every step's KV cache, O(L²) in the caption length instead of O(L): on CPU
+            a GPT-2-small step was slower at batch 32 and no faster at 100 (docs/benchmarks.md). The greedy
+            tokens are chosen with dropout on. Without dropout log π and its gradient are the
+            teacher-forced ones. A ``ClipCaptioner`` without gradient checkpointing only.
     """
 
     needs_captions = False
