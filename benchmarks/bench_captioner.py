@@ -6,8 +6,8 @@ Measures, for GPT-2-shaped LMs with random weights (no downloads):
    batch of 32 captions of exactly 20 tokens (EOS included), for (a) an MLP mapper with a finetuned LM and
    (b) ClipCap's 8-layer Transformer mapper with a frozen LM;
 2. caption generation captions/s: 32 images, exactly 40 new tokens each (no stops:
-   ``DecodingConfig(max_new_tokens=40, ignore_stops=True)``), greedy and beam 5, through ``ClipCaptioner.generate_ids``
-   (batched, KV-cached ``transformers`` generation);
+   ``DecodingConfig(max_new_tokens=40, ignore_stops=True)``), greedy and beam 5, through
+   ``ClipCaptioner.generate_ids`` (batched, KV-cached ``transformers`` generation);
 3. the naive reference decoders (``naive_greedy``, ``naive_beam_search``: one image at a time, whole
    sequence re-run each step, as the original ClipCap) in the same run, with no stop ids so that they also
    run 40 steps, on fewer images; and the speed-up of 2. over 3.

@@ -229,8 +229,8 @@ class ClipCaptioner(Captioner):
     ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
         """Decodes as :meth:`generate_ids` does, but in the current mode (dropout on in training) and with
         gradients, keeping each step's logits: a REINFORCE objective reads log π of the captions from the
-        pass that chose them instead of running them through the LM again (what the original DiscriTune
-        code does, with ``generate`` undecorated).
+        pass that chose them instead of running them through the LM again (what the sender in EGG's
+        ``emergent_captioner`` does, with ``generate`` undecorated).
 
         Returns:
             The B·R caption id lists (cut after their stops, as ``generate_ids``), the (B·R, T) generated
@@ -266,8 +266,8 @@ class ClipCaptioner(Captioner):
     def _shared_prefix_cache(
         self, prefix: torch.Tensor, attention_mask: torch.Tensor, decoding: DecodingConfig
     ) -> DynamicCache | None:
-        """The KV cache of the first P − 1 prefix positions, computed once per image and repeated for each of
-        its beams (or sampled captions), or None when each image decodes one sequence.
+        """The KV cache of the first P − 1 prefix positions, computed once per image and repeated for each
+        of its beams (or sampled captions), or None when each image decodes one sequence.
 
         ``generate`` copies its inputs once per beam before the first forward pass, so beam search ran the
         same prefix through the LM num_beams times; given this cache it runs only the last prefix position

@@ -75,12 +75,13 @@ class DiscriTune(Objective):
         duplicate_threshold: neighbours at least this cosine-similar to the image are near-duplicates and
             never used as distractors; the image itself and the rest of the batch never are either.
         log_probs_from_rollout: take log π from the rollout itself, decoded with gradients in training mode
-            (as the original DiscriTune code does), instead of a second, teacher-forced pass over the
-            captions (the default). It saves that forward pass, but backward runs through the rollout step
-            by step and keeps every step's KV cache, O(L²) in the caption length instead of O(L): on CPU
-            a GPT-2-small step was slower at batch 32 and no faster at 100 (docs/benchmarks.md). The greedy
-            tokens are chosen with dropout on. Without dropout log π and its gradient are the
-            teacher-forced ones. A ``ClipCaptioner`` without gradient checkpointing only.
+            (as the sender in EGG's emergent_captioner does), instead of a second, teacher-forced pass
+            over the captions (the default). It saves that forward pass, but backward runs through the
+            rollout step by step and keeps every step's KV cache, O(L²) in the caption length instead of
+            O(L): on CPU a GPT-2-small step was slower at batch 32 and no faster at 100
+            (docs/benchmarks.md). The greedy tokens are chosen with dropout on. Without dropout log π and
+            its gradient are the teacher-forced ones. A ``ClipCaptioner`` without gradient checkpointing
+            only.
     """
 
     needs_captions = False
