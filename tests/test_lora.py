@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-from clipcap.captioner import ClipCaptioner
+from clipcap.captioner import CaptionTokens, ClipCaptioner
 from clipcap.cli import lightning_cli
 from clipcap.data.batch import CaptionBatch
 from clipcap.export import export_checkpoint, load_exported
@@ -100,6 +100,9 @@ def test_generation_runs_through_the_adapters(family: str, lms) -> None:
     adapted = captioner.generate_ids(features, GREEDY)
     base.lm.model = copy.deepcopy(captioner.lm.model).merge_and_unload()
     assert adapted == base.generate_ids(features, GREEDY)
+    # Beam search shares each image's prefix cache among its beams, through the peft wrapper too.
+    beams = DecodingConfig(num_beams=3, num_return_sequences=2, max_new_tokens=8)
+    assert captioner.generate_ids(features, beams) == base.generate_ids(features, beams)
     with captioner.lm.model.disable_adapter():
         plain = captioner.generate_ids(features, GREEDY)
     assert plain != adapted  # the adapters do change the captions
@@ -247,3 +250,21 @@ def test_an_lm_built_in_memory_is_set_up_as_a_loaded_one(lms) -> None:
     torch.testing.assert_close(built.eval()(embeds), loaded.eval()(embeds))
     with pytest.raises(ValueError, match="choose one"):
         PrefixLM.from_model(built.base_model, built.tokenizer, trainable=True, lora=LoraSettings())
+
+
+def test_the_rollout_with_logits_runs_through_the_adapters_with_gradients(lms) -> None:
+    """``rollout_with_logits`` (DiscriTune's ``log_probs_from_rollout``) decodes with the base model's own
+    generate under the peft wrapper: its logits are the adapted model's teacher-forced ones for the same
+    tokens, and their gradient reaches the adapters."""
+    captioner = adapted_captioner(lms["llama"]).train()
+    perturb_adapters(captioner)
+    features = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    ids, sequences, logits = captioner.rollout_with_logits(
+        features, DecodingConfig(max_new_tokens=6, ignore_stops=True)
+    )
+    assert sequences.tolist() == ids and logits.shape[:2] == (2, 6)
+    tokens = CaptionTokens.from_rows(ids, captioner.lm.pad_token_id, captioner.device)
+    torch.testing.assert_close(logits, captioner(features, tokens).logits, rtol=1e-4, atol=1e-5)
+    logits.logsumexp(-1).sum().backward()
+    adapters = [p for name, p in captioner.named_parameters() if "lora_" in name]
+    assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
