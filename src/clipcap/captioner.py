@@ -9,8 +9,9 @@ tokens (EOS included), D LM width, V vocabulary, R captions per image.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,17 +210,10 @@ class ClipCaptioner(Captioner):
         """
         decoding = decoding or DecodingConfig()
         prefix = self.prefix(clip_features)
-        stops = decoding.stop_ids(self.lm)
-        attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         was_training = self.training
         self.eval()
         try:
-            generated = self.lm.model.generate(
-                inputs_embeds=prefix,
-                attention_mask=attention_mask,
-                past_key_values=self._shared_prefix_cache(prefix, attention_mask, decoding),
-                generation_config=decoding.generation_config(stops, self.lm.pad_token_id),
-            )
+            generated, stops = self._generate(self.lm.model.generate, prefix, decoding)
         finally:
             self.train(was_training)
         return cut_at_stop(generated, self.lm.eos_token_id, stops)
@@ -243,25 +237,35 @@ class ClipCaptioner(Captioner):
                 "training mode (every step would re-run the whole sequence); turn it off or score the "
                 "captions with a separate teacher-forced pass"
             )
-        prefix = self.prefix(clip_features)
-        stops = decoding.stop_ids(self.lm)
-        attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        model = (
-            self.lm.base_model
-        )  # under LoRA the adapters live inside it; peft's generate would not undecorate
+        # Under LoRA the adapters live inside the base model, and peft's own generate would not undecorate.
+        model = self.lm.base_model
         # transformers' generate is decorated with torch.no_grad(); its undecorated body keeps the graph.
-        generate = type(model).generate.__wrapped__
+        generate = functools.partial(type(model).generate.__wrapped__, model)
+        output, stops = self._generate(
+            generate, self.prefix(clip_features), decoding, output_logits=True, return_dict_in_generate=True
+        )
+        logits = torch.stack(output.logits, dim=1)
+        return cut_at_stop(output.sequences, self.lm.eos_token_id, stops), output.sequences, logits
+
+    def _generate(
+        self, generate: Callable[..., Any], prefix: torch.Tensor, decoding: DecodingConfig, **settings: Any
+    ) -> tuple[Any, list[int]]:
+        """Runs ``generate`` (transformers' ``generate``, decorated or not) from the (B, P, D) prefix with
+        ``decoding``'s settings and any further ``GenerationConfig`` ``settings``, the prefix's cache shared
+        among each image's beams; returns its output and the stop ids."""
+        stops = decoding.stop_ids(self.lm)
         config = decoding.generation_config(stops, self.lm.pad_token_id)
-        config.output_logits = config.return_dict_in_generate = True
+        unknown = config.update(**settings)
+        if unknown:
+            raise ValueError(f"_generate: not GenerationConfig settings: {sorted(unknown)}")
+        attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         output = generate(
-            model,
             inputs_embeds=prefix,
             attention_mask=attention_mask,
             past_key_values=self._shared_prefix_cache(prefix, attention_mask, decoding),
             generation_config=config,
         )
-        logits = torch.stack(output.logits, dim=1)
-        return cut_at_stop(output.sequences, self.lm.eos_token_id, stops), output.sequences, logits
+        return output, stops
 
     def _shared_prefix_cache(
         self, prefix: torch.Tensor, attention_mask: torch.Tensor, decoding: DecodingConfig
