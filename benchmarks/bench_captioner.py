@@ -439,6 +439,17 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return shlex.join([python, *(sys.argv if argv is None else [script, *argv])])
 
 
+def run_lines(command: str, machine: str, load_before: str) -> list[str]:
+    """The Command, Date (now, UTC), Machine and Load lines a benchmark block starts with; the load at the
+    end is read now."""
+    return [
+        f"- Command: `{command}`",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Machine: {machine}",
+        f"- Load: 1-minute load average {load_before} at start, {load_average()} at end",
+    ]
+
+
 def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -13,7 +13,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import statistics
 import tempfile
@@ -32,6 +31,7 @@ from bench_captioner import (
     load_average,
     machine_description,
     quiet_libraries,
+    run_lines,
     save_random_gpt2,
     synchronize,
     training_captions,
@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         [
             f"### torch.compile, cross-entropy training, {args.device}",
             "",
-            f"- Command: `{command_line(__file__, argv)}`",
-            f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- Machine: {machine_description(device, 'float32', args.threads)}",
-            f"- Load: 1-minute load average {load_before} at start, {load_average()} at end",
+            *run_lines(
+                command_line(__file__, argv),
+                machine_description(device, "float32", args.threads),
+                load_before,
+            ),
             f"- MLP mapper + finetuned LM, batch {TRAIN_BATCH}, captions of 20 tokens, fused AdamW; "
             f"`PrefixLM(compile=True)` (inductor, dynamic=True); median of {STEPS} steps after {WARMUP}",
             "",

@@ -20,11 +20,8 @@ Run:
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,11 +32,14 @@ from transformers.activations import GELUTanh, NewGELUActivation
 
 from bench_captioner import (
     SHAPES,
+    command_line,
     figure,
     load_average,
     machine_description,
     quiet_libraries,
+    run_lines,
     save_random_gpt2,
+    write_markdown,
 )
 from clipcap.captioner import ClipCaptioner
 from clipcap.generation import DecodingConfig
@@ -147,15 +147,15 @@ def main(argv: list[str] | None = None) -> None:
             f"{100 * (1 - after / before):.0f} % |"
         )
         print(rows[-1], flush=True)
-    command = "python benchmarks/bench_costs.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     block = "\n".join(
         [
             "### Costs removed, before and after, cpu",
             "",
-            f"- Command: `{command.strip()}`",
-            f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- Machine: {machine_description(torch.device('cpu'), 'float32', args.threads)}",
-            f"- Load: 1-minute load average {load_before} at start, {load_average()} at end",
+            *run_lines(
+                command_line(__file__, argv),
+                machine_description(torch.device("cpu"), "float32", args.threads),
+                load_before,
+            ),
             f"- GPT-2-small shape, random weights, LM trained; median of {args.repeats} after a warm-up (the "
             "beam-search entry: the two ways alternate after one shorter warm-up call)",
             "",
@@ -164,8 +164,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(block)
     if args.write:
-        from bench_captioner import write_markdown
-
         write_markdown(args.write, "costs-cpu", block)
 
 

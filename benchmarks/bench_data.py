@@ -17,7 +17,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import shlex
 import sys
@@ -28,7 +27,14 @@ from pathlib import Path
 
 import torch
 
-from bench_captioner import figure, load_average, machine_description, quiet_libraries, write_markdown
+from bench_captioner import (
+    figure,
+    load_average,
+    machine_description,
+    quiet_libraries,
+    run_lines,
+    write_markdown,
+)
 from clipcap.captioner import ClipCaptioner
 from clipcap.clip import ClipEncoder
 from clipcap.data.records import ImageEntry
@@ -166,10 +172,11 @@ def main(argv: list[str] | None = None) -> None:
         [
             f"### Data, {args.device}",
             "",
-            f"- Command: `{command.strip()}`",
-            f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- Machine: {machine_description(torch.device(args.device), 'float32', args.threads)}",
-            f"- Load: 1-minute load average {load_before} at start, {load_average()} at end",
+            *run_lines(
+                command.strip(),
+                machine_description(torch.device(args.device), "float32", args.threads),
+                load_before,
+            ),
             "",
             "| measurement | setting | throughput |",
             "|---|---|---:|",

@@ -21,7 +21,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import shlex
 import statistics
@@ -39,6 +38,7 @@ from bench_captioner import (
     load_average,
     machine_description,
     quiet_libraries,
+    run_lines,
     save_random_gpt2,
     synchronize,
     write_markdown,
@@ -179,10 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             f"### DiscriTune step, {args.device}, batch {args.batch}",
             "",
-            f"- Command: `{command.strip()}`",
-            f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- Machine: {machine_description(device, 'float32', args.threads)}",
-            f"- Load: 1-minute load average {load_before} at start, {load_average()} at end",
+            *run_lines(command.strip(), machine_description(device, "float32", args.threads), load_before),
             f"- Greedy rollout of exactly {CAPTION_TOKENS} tokens; receiver: CLIP of the ViT-B/32 shape (text "
             "tower 12 × 512), random weights; mapper and LM trained; median of the timed steps",
             "",

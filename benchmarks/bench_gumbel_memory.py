@@ -33,7 +33,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import gc
 import json
@@ -54,6 +53,7 @@ from bench_captioner import (
     load_average,
     machine_description,
     quiet_libraries,
+    run_lines,
     save_random_gpt2,
     synchronize,
     write_markdown,
@@ -255,10 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             f"### Gumbel-softmax rollout memory, {args.shape}, {args.device}, batch {args.batch}, L {args.tokens}",
             "",
-            f"- Command: `{command}`",
-            f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- Machine: {machine_description(device, 'float32', args.threads)}",
-            f"- Load: 1-minute load average {load_before} at start, {load_average()} at end",
+            *run_lines(command, machine_description(device, "float32", args.threads), load_before),
             f"- Measured: {off['method']}, each setting in a fresh process, relative to the memory just "
             "before the step (model and inputs in memory, no optimizer); straight-through hard samples, KV "
             f"cache, LM and mapper trained ({off['parameters'] / 1e6:.0f} M parameters), training mode",
