@@ -98,7 +98,6 @@ class PrefixLM(nn.Module):
                 f"PrefixLM: compile must be true/false or a dict of torch.compile arguments, got {compile!r}"
             )
         options = ({"dynamic": True} if compile is True else dict(compile)) if compile else None
-        self.compile_options = options
         # A plain attribute, not a submodule: the compiled function wraps self.model, whose weights (and
         # state-dict keys) stay where they are.
         self._compiled_logits = torch.compile(self._logits, **options) if options is not None else None
