@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clipcap.cli import lightning_cli
+from clipcap.compat import enable_activation_checkpointing
 from clipcap.data.batch import collate_caption_batch
 from clipcap.generation import DecodingConfig
 from clipcap.objectives import (
@@ -443,7 +444,7 @@ def test_log_probs_from_the_rollout_equal_the_teacher_forced_pass_without_dropou
 def test_log_probs_from_the_rollout_refuse_gradient_checkpointing(world_batch) -> None:
     datamodule, batch = world_batch
     captioner = tiny_captioner(datamodule.clip_dim, trainable=True).train()
-    captioner.lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(captioner.lm.model, use_reentrant=False)
     objective = DiscriTune(log_probs_from_rollout=True)
     objective.setup(datamodule)
     with pytest.raises(ValueError, match="gradient checkpointing"):

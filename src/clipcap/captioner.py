@@ -9,7 +9,6 @@ tokens (EOS included), D LM width, V vocabulary, R captions per image.
 
 from __future__ import annotations
 
-import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from clipcap.compat import cache_kwargs, generate_with_gradients
 from clipcap.generation import DecodingConfig, cut_at_stop
 from clipcap.lm import PrefixLM
 from clipcap.mapper import Mapper, MapperFactory, MLPMapper
@@ -238,9 +238,7 @@ class ClipCaptioner(Captioner):
                 "captions with a separate teacher-forced pass"
             )
         # Under LoRA the adapters live inside the base model, and peft's own generate would not undecorate.
-        model = self.lm.base_model
-        # transformers' generate is decorated with torch.no_grad(); its undecorated body keeps the graph.
-        generate = functools.partial(type(model).generate.__wrapped__, model)
+        generate = generate_with_gradients(self.lm.base_model)
         output, stops = self._generate(
             generate, self.prefix(clip_features), decoding, output_logits=True, return_dict_in_generate=True
         )
@@ -262,7 +260,7 @@ class ClipCaptioner(Captioner):
         output = generate(
             inputs_embeds=prefix,
             attention_mask=attention_mask,
-            past_key_values=self._shared_prefix_cache(prefix, attention_mask, decoding),
+            **cache_kwargs(self._shared_prefix_cache(prefix, attention_mask, decoding)),
             generation_config=config,
         )
         return output, stops
@@ -284,7 +282,7 @@ class ClipCaptioner(Captioner):
         self.lm.model(
             inputs_embeds=prefix[:, :-1],
             attention_mask=attention_mask[:, :-1],
-            past_key_values=cache,
+            **cache_kwargs(cache),
             use_cache=True,
             **({"logits_to_keep": 1} if self.lm.takes_logits_to_keep else {}),
         )

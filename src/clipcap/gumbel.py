@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel
 
 from clipcap.captioner import ClipCaptioner
+from clipcap.compat import cache_kwargs, returned_cache
 from clipcap.generation import stop_token_ids
 
 
@@ -234,11 +235,11 @@ class _CachedStep:
         output = self.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(cache),
             **self.logits_kwargs,
         )
-        cache = output.past_key_values
+        cache = returned_cache(output)
         if cache is None or cache.get_seq_length() != past_length + new_length:
             raise RuntimeError(
                 f"gumbel_rollout: {type(self.model).__name__} did not extend the KV cache it was given; "

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
 
+from clipcap.compat import enable_activation_checkpointing
 from clipcap.lora import LoraSettings, apply_lora, is_adapter_key
 from clipcap.pretrained import resolve_pretrained
 
@@ -125,7 +126,7 @@ class PrefixLM(nn.Module):
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if gradient_checkpointing:
             # Non-reentrant: the frozen base's inputs need not require gradients for the prefix's to flow.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model, use_reentrant=False)
         if not trainable:
             self.model.requires_grad_(False)
         if lora is not None:

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, BlipTextLMHeadModel, PreTrainedTokenizer
 
 from clipcap.blip.checkpoint import DTYPES, load_blip
 from clipcap.captioner import Captioner, CaptionTokens, TeacherForcing
+from clipcap.compat import enable_activation_checkpointing
 from clipcap.generation import DecodingConfig, cut_at_stop
 from clipcap.lm import period_token_ids
 from clipcap.pretrained import resolve_pretrained
@@ -69,7 +70,7 @@ class BlipTextDecoder(nn.Module):
             ) from error
         self._check_special_tokens()
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.model, use_reentrant=False)
         if trainable:
             # from_pretrained returns the model in eval mode, and Lightning keeps modes as it finds them:
             # a trained decoder follows its parent's mode (dropout on in training) like any module.

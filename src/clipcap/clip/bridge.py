@@ -40,10 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from clipcap.clip.encoder import ClipEncoder
 from clipcap.clip.tokenizer import ClipTokenizer, _bytes_to_unicode, clean_caption_text, load_clip_tokenizer
+from clipcap.compat import causal_mask
 from clipcap.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -854,7 +855,7 @@ class SoftClipText(nn.Module):
             batch, clip_positions, -1
         )
         hidden = text_model.embeddings(inputs_embeds=inputs_embeds)
-        mask = _text_attention_mask(text_model.config, hidden, attention_mask)
+        mask = causal_mask(text_model.config, hidden, attention_mask)
         hidden = text_model.encoder(
             inputs_embeds=hidden, attention_mask=mask, is_causal=True
         ).last_hidden_state
@@ -863,14 +864,3 @@ class SoftClipText(nn.Module):
         return model.text_projection(pooled).float()
 
     forward = encode
-
-
-def _text_attention_mask(
-    config: PreTrainedConfig, hidden: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor | None:
-    """The causal + padding mask ``CLIPTextModel.forward`` builds (transformers 5's ``create_causal_mask``)."""
-    from transformers.masking_utils import create_causal_mask
-
-    return create_causal_mask(
-        config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None
-    )
