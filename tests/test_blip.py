@@ -31,6 +31,7 @@ from clipcap.synthetic.world import FEATURES_DIR, load_annotations
 from clipcap.training import CaptionModule, SyntheticCaptions
 from clipcap.training.data import CaptionImages
 from clipcap.training.features import main as features_main
+from reference_images import all_on_white
 
 REPO = Path(__file__).resolve().parents[1]
 DT_CONFIG = str(REPO / "lightning_configs" / "synthetic" / "discritune.yaml")
@@ -117,7 +118,9 @@ def sample_images() -> list[Image.Image]:
 @pytest.mark.parametrize("size", [IMAGE_SIZE, 48, 384])
 def test_preprocessing_matches_blip_image_processor(size: int) -> None:
     images = sample_images()
-    expected = BlipImageProcessorPil(size={"height": size, "width": size})(images=images, return_tensors="pt")
+    expected = BlipImageProcessorPil(size={"height": size, "width": size})(
+        images=all_on_white(images), return_tensors="pt"
+    )
     ours = BlipImagePreprocessor(image_size=size)(images)
     assert ours.shape == (len(images), 3, size, size) and ours.dtype == torch.float32
     torch.testing.assert_close(ours, expected["pixel_values"], rtol=0, atol=0)
@@ -142,7 +145,9 @@ def test_the_feature_encoder_is_blips_vision_model(
     images = sample_images()
     pixels = encoder.preprocess(images)
     processor = BlipImageProcessorPil.from_pretrained(blip_dir)  # what the checkpoint's processor does
-    torch.testing.assert_close(pixels, processor(images=images, return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(
+        pixels, processor(images=all_on_white(images), return_tensors="pt")["pixel_values"]
+    )
     pooled, grid = encoder.encode_images_and_grid(pixels)
     with torch.no_grad():
         expected = reference.vision_model(pixel_values=pixels).last_hidden_state

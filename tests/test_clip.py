@@ -25,6 +25,7 @@ from clipcap.clip import (
     load_clip_tokenizer,
     openai_bpe_path,
 )
+from reference_images import all_on_white
 
 TRICKY_TEXTS = [
     "A photo of a cat.",
@@ -181,7 +182,7 @@ def test_preprocess_matches_clip_image_processor(shortest_edge: int, crop: int) 
     reference_processor = CLIPImageProcessorPil(
         size={"shortest_edge": shortest_edge}, crop_size={"height": crop, "width": crop}
     )
-    reference = reference_processor(images=images, return_tensors="pt")["pixel_values"]
+    reference = reference_processor(images=all_on_white(images), return_tensors="pt")["pixel_values"]
     ours = ClipImagePreprocessor(image_size=crop, resize_shortest_edge=shortest_edge)(images)
     assert ours.shape == (len(images), 3, crop, crop)
     assert ours.dtype == torch.float32
@@ -282,7 +283,7 @@ def test_encoder_properties(encoder: ClipEncoder, tiny_clip_folder: Path) -> Non
 def test_encode_images_and_pil_match_transformers(encoder: ClipEncoder, reference_model: CLIPModel) -> None:
     images = _test_images()
     pixels = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})(
-        images=images, return_tensors="pt"
+        images=all_on_white(images), return_tensors="pt"
     )["pixel_values"]
     with torch.no_grad():
         expected = reference_model.get_image_features(pixel_values=pixels).pooler_output

@@ -23,6 +23,7 @@ from clipcap.features import (
     extract_features,
     load_image,
 )
+from reference_images import on_white
 from tiny_models import tiny_clip_model
 
 META = {
@@ -299,7 +300,9 @@ def test_extraction_equals_direct_encoding(encoder: ClipEncoder, image_files, tm
         expected = torch.cat(
             [
                 encoder.model.get_image_features(
-                    pixel_values=processor(images=[Image.open(path)], return_tensors="pt")["pixel_values"]
+                    pixel_values=processor(images=[on_white(Image.open(path))], return_tensors="pt")[
+                        "pixel_values"
+                    ]
                 ).pooler_output
                 for path in paths
             ]
