@@ -10,7 +10,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import re
 import shutil
+import sys
+import tempfile
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,8 +150,9 @@ def _tokenize(
     inputs.update(
         {("res", image_id): [{"caption": caption}] for image_id, caption in predictions.items() if caption}
     )
-    # pycocoevalcap prints progress lines; the caller reports the scores.
-    with contextlib.redirect_stdout(io.StringIO()):
+    # pycocoevalcap prints progress lines, and its Java tokenizer a speed line on the process's stderr;
+    # the caller reports the scores.
+    with contextlib.redirect_stdout(io.StringIO()), _without_java_progress():
         tokenized = PTBTokenizer().tokenize(inputs)
     for key, captions in inputs.items():
         if len(tokenized.get(key, ())) != len(captions):
@@ -160,6 +165,31 @@ def _tokenize(
         caption = tokenized.get(("res", image_id), [""])[0]
         res[image_id] = [caption if caption.strip() else EMPTY_CAPTION]
     return gts, res
+
+
+_JAVA_PROGRESS = re.compile(r"^PTBTokenizer tokenized \d+ tokens at [\d.]+ tokens per second\.$")
+
+
+@contextlib.contextmanager
+def _without_java_progress() -> Iterator[None]:
+    """Runs the block with the process's stderr (file descriptor 2, which Java children inherit) captured,
+    then writes back everything captured but the PTB tokenizer's speed line, so no error is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not _JAVA_PROGRESS.match(line.strip()))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 @contextlib.contextmanager

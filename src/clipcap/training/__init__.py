@@ -1,6 +1,6 @@
 """The Lightning layer: it wires the plain-PyTorch core into a trainer and imports Lightning."""
 
-from clipcap.training.callbacks import CaptionWriter, SampleCaptions
+from clipcap.training.callbacks import CaptionWriter, ProgressBar, RichProgress, SampleCaptions
 from clipcap.training.data import (
     CaptionDataModule,
     CocoCaptions,
@@ -25,6 +25,8 @@ __all__ = [
     "ConceptualCaptions",
     "Flickr30k",
     "NoCaps",
+    "ProgressBar",
+    "RichProgress",
     "SampleCaptions",
     "SyntheticCaptions",
 ]

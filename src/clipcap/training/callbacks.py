@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from clipcap.data.batch import collate_caption_batch
 from clipcap.files import atomic_write_json
 from clipcap.generation import DecodingConfig
 from clipcap.training.data import CaptionDataModule, CaptionImages
+
+
+class _WithoutVersionNumber:
+    """Drops ``v_num``, the logger's version number, from a progress bar: it says nothing about training
+    (the run's folder is printed where it matters)."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class ProgressBar(_WithoutVersionNumber, TQDMProgressBar):
+    """Lightning's tqdm progress bar without ``v_num``."""
+
+
+class RichProgress(_WithoutVersionNumber, RichProgressBar):
+    """Lightning's rich progress bar without ``v_num``."""
+
+
+def default_progress_bar() -> ProgressBar | RichProgress:
+    """The bar Lightning would choose (rich when the ``rich`` package is installed, else tqdm), without
+    ``v_num``; ``clipcap`` adds it unless a config turns the bar off or names a progress bar itself."""
+    return RichProgress() if importlib.util.find_spec("rich") is not None else ProgressBar()
 
 
 class SampleCaptions(pl.Callback):
