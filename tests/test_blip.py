@@ -404,14 +404,18 @@ def test_the_shipped_blip_config_trains(
     assert torch.isfinite(cli.trainer.callback_metrics["train/reward"])
 
     # `clipcap caption` on image files: BLIP's ViT (named by the checkpoint's data) encodes them.
-    from clipcap.training.caption import caption_images
+    from clipcap.training.caption import caption_images, checkpoint_test_decoding
 
     checkpoint = tmp_path / "run.ckpt"
     cli.trainer.save_checkpoint(checkpoint)
     paths = [entry.image for entry in blip_data.split("val").images[:3]]
-    rows = caption_images(str(checkpoint), paths, decoding_overrides={"num_beams": 1})
+    overrides = {"num_beams": 1, "max_new_tokens": 8}
+    rows = caption_images(str(checkpoint), paths, decoding_overrides=overrides)
     grid = encoder.encode_image_grid(encoder.preprocess([load_image(path, path) for path in paths]))
-    decoding = DecodingConfig(max_new_tokens=8)  # the run's decoding, made greedy
+    # The test decoding the checkpoint recorded, made greedy and short.
+    decoding = DecodingConfig(
+        **{**checkpoint_test_decoding(torch.load(checkpoint, weights_only=True)), **overrides}
+    )
     assert [row["caption"] for row in rows] == [texts[0] for texts in captioner.generate(grid, decoding)]
     with pytest.raises(ValueError, match="clip_score"):
         caption_images(str(checkpoint), paths[:1], clip_score=True)

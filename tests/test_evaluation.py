@@ -17,7 +17,7 @@ import yaml
 from clipcap.cli import lightning_cli
 from clipcap.generation import DecodingConfig
 from clipcap.training import CaptionEvaluation, SyntheticCaptions
-from clipcap.training.caption import caption_images
+from clipcap.training.caption import caption_images, checkpoint_test_decoding
 from clipcap.training.evaluation import score_captions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,23 +158,36 @@ def test_caption_command_matches_cached_features(trained: Path, tiny_world: Path
     )
     from clipcap.training.module import CaptionModule
 
-    module = CaptionModule.load_from_checkpoint(trained, map_location="cpu", weights_only=False)
+    module = CaptionModule.load_from_checkpoint(trained, map_location="cpu", weights_only=True)
     features = torch.stack(
         [torch.from_numpy(datamodule.split("val").features.get(e.image_id)) for e in entries]
     )
-    decoding = DecodingConfig(**{**vars(module.decoding), "num_beams": 1})
+    # The checkpoint's CaptionEvaluation recorded its test decoding (beam 5, 40 tokens), which caption uses.
+    recorded = checkpoint_test_decoding(torch.load(trained, weights_only=True))
+    assert recorded is not None and recorded["num_beams"] == 5
+    decoding = DecodingConfig(**{**recorded, "num_beams": 1})
     expected = [texts[0] for texts in module.captioner.generate(features, decoding)]
     assert [row["caption"] for row in rows] == expected
     assert all(0.0 <= row["clip_score"] <= 2.5 for row in rows)
 
 
-def test_caption_command_names_a_bad_image(trained: Path, tmp_path: Path) -> None:
+def test_caption_command_captions_the_readable_images_and_names_the_others(
+    trained: Path, tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from clipcap.training.caption import main as caption_main
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    with pytest.raises(SystemExit, match="broken.jpg"):
-        caption_main(["--ckpt", str(trained), str(broken)])
+    good = SyntheticCaptions(world_dir=str(tiny_world)).split("val").images[0].image
+    with pytest.raises(SystemExit) as exit_info:
+        caption_main(
+            ["--ckpt", str(trained), str(broken), good, "--num_beams", "2", "--stop_at_period", "true"]
+        )
+    assert exit_info.value.code == 1
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{good}\t") and len(out.splitlines()) == 1
+    assert f"cannot read {broken}: not an image" in err and "1 of 2 images could not be captioned" in err
+    assert "decoding: beam 2, up to 40 tokens, stop at EOS or a '.'" in err
 
 
 def test_a_different_scoring_clip_reads_its_own_features(

@@ -9,22 +9,58 @@ builds the synthetic world, ``clipcap demo`` runs the main job on it.
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
-from typing import Any
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
 
+import torch
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import clipcap.objectives  # noqa: F401 - registers the objectives for short names on the command line
+from clipcap.checkpoints import read_checkpoint
 from clipcap.console import quiet_third_party
+from clipcap.objectives.base import Objective
 from clipcap.training.callbacks import default_progress_bar
 from clipcap.training.data import CaptionDataModule
 from clipcap.training.module import CaptionModule
 
+TRACEBACK_VARIABLE = "CLIPCAP_TRACEBACK"
+"""Set it (to anything) to see the full traceback of an error the command otherwise gives in one line."""
+
+
+def objective_names() -> list[str]:
+    """The objectives a config may name by their short class name."""
+    return sorted(
+        name for name in clipcap.objectives.__all__ if _is_objective(getattr(clipcap.objectives, name))
+    )
+
+
+def _is_objective(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, Objective) and value is not Objective
+
+
+class ClipcapArgumentParser(LightningArgumentParser):
+    """Lightning's parser; a rejected objective is answered with the objectives there are."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if "model.objective" in message:
+            message += (
+                f"\n  Objectives: {', '.join(objective_names())} (or a full class path such as "
+                "clipcap.objectives.CrossEntropy)"
+            )
+        super().error(message, ex)
+
 
 class ClipcapCLI(LightningCLI):
-    """LightningCLI with clipcap's links between data and model."""
+    """LightningCLI with clipcap's links between data and model, checks made before any model loads, and
+    a closing line saying where a run's files went."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The CLIP feature size is a fact of the cached features; it is never written twice in YAML.
@@ -41,6 +77,116 @@ class ClipcapCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, default_progress_bar()]
         return super().instantiate_trainer(**kwargs)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parses, then resolves and checks ``--ckpt_path`` before Lightning reads the checkpoint's
+        hyperparameters (it would give a raw traceback for a truncated file)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        resolve_ckpt_path(self.config[subcommand] if subcommand else self.config)
+
+    def before_instantiate_classes(self) -> None:
+        """Checks the optimizer's and scheduler's hyperparameters before the models load (which takes
+        seconds to minutes)."""
+        check_optimization_settings(self.config[self.subcommand] if self.subcommand else self.config)
+
+    def after_fit(self) -> None:
+        self._say_where_files_went("fit")
+
+    def after_validate(self) -> None:
+        self._say_where_files_went("validate")
+
+    def after_test(self) -> None:
+        self._say_where_files_went("test")
+
+    def after_predict(self) -> None:
+        self._say_where_files_went("predict")
+
+    def _say_where_files_went(self, stage: str) -> None:
+        trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
+        lines = [f"run folder: {log_dir}"] if log_dir else []
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and stage == "fit":
+                if callback.best_model_path:
+                    lines.append(f"best checkpoint: {callback.best_model_path}")
+                if callback.last_model_path:
+                    lines.append(f"last checkpoint: {callback.last_model_path}")
+            if stage != "fit":  # in fit, each validation's files were listed as they were written
+                lines += [f"wrote {path}" for path in getattr(callback, "written", ())]
+        for line in lines:
+            print(f"[clipcap {stage}] {line}", flush=True)
+
+
+def resolve_ckpt_path(config: Namespace) -> None:
+    """Turns ``ckpt_path: last`` into the newest ``last*.ckpt`` under ``trainer.default_root_dir`` (the
+    shipped configs log to versioned folders, where Lightning would look only in the new, empty one and
+    silently start from scratch), and checks that the checkpoint file is readable and safe to load.
+
+    Raises:
+        FileNotFoundError: ``last`` and no ``last*.ckpt`` under the root folder, or no such file.
+        clipcap.checkpoints.CheckpointError: the file is truncated, corrupt or holds pickled code.
+    """
+    ckpt_path = config.get("ckpt_path")
+    if (
+        ckpt_path is None
+        or ckpt_path in ("best", "hpc", "registry")
+        or str(ckpt_path).startswith("registry:")
+    ):
+        return
+    if ckpt_path == "last":
+        root = Path(config.trainer.get("default_root_dir") or os.getcwd())
+        found = (
+            sorted(root.rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime) if root.is_dir() else []
+        )
+        if not found:
+            raise FileNotFoundError(
+                f"--ckpt_path last: no last*.ckpt anywhere under {root} (trainer.default_root_dir), so there is "
+                "no run to resume; give the checkpoint's path, or drop --ckpt_path to start a new run"
+            )
+        ckpt_path = config.ckpt_path = str(found[-1])
+        print(f"[clipcap] --ckpt_path last: {ckpt_path}", flush=True)
+    read_checkpoint(ckpt_path, "--ckpt_path", mmap=True)
+
+
+def check_optimization_settings(config: Namespace) -> None:
+    """Builds the configured optimizer (and scheduler) on one dummy parameter, so that a value they refuse
+    (a negative learning rate, betas outside [0, 1), ...) is reported before the models load.
+
+    Raises:
+        ValueError: naming the option and what the optimizer or scheduler said.
+    """
+    model = config.get("model")
+    optimizer_config = model.get("optimizer") if model is not None else None
+    if not _is_class_config(optimizer_config):
+        return
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    try:
+        optimizer = _import(optimizer_config.class_path)([parameter], **_init_args(optimizer_config))
+    except ValueError as error:
+        raise ValueError(f"model.optimizer ({optimizer_config.class_path}): {error}") from None
+    scheduler_config = model.get("lr_scheduler")
+    if _is_class_config(scheduler_config):
+        try:
+            _import(scheduler_config.class_path)(optimizer, **_init_args(scheduler_config))
+        except ValueError as error:
+            raise ValueError(f"model.lr_scheduler ({scheduler_config.class_path}): {error}") from None
+
+
+def _is_class_config(value: object) -> bool:
+    return isinstance(value, Namespace) and isinstance(value.get("class_path"), str)
+
+
+def _init_args(value: Namespace) -> dict[str, Any]:
+    init_args = value.get("init_args")
+    return dict(vars(init_args)) if isinstance(init_args, Namespace) else dict(init_args or {})
+
+
+def _import(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
 
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> ClipcapCLI:
     """Runs (or, with ``run=False``, only builds) the LightningCLI on ``args``.
@@ -53,6 +199,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> ClipcapCLI
     return ClipcapCLI(
         CaptionModule,
         CaptionDataModule,
+        parser_class=ClipcapArgumentParser,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf"}
@@ -75,15 +222,44 @@ _EXTRA_COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``clipcap`` console script and ``python -m clipcap``."""
+    """Entry point of the ``clipcap`` console script and ``python -m clipcap``.
+
+    An expected failure (a missing, unreadable or unsafe file, a permission, an invalid value) ends the
+    command with one line on stderr and exit status 1; ``CLIPCAP_TRACEBACK=1`` shows the traceback.
+    """
     quiet_third_party()
     words = list(sys.argv[1:] if argv is None else argv)
+    command = words[0] if words and not words[0].startswith("-") else ""
+    try:
+        _run(words, argv is None)
+    except (OSError, ValueError) as error:
+        fail(command, error)
+
+
+def fail(command: str, error: BaseException) -> NoReturn:
+    """Ends the command with ``clipcap <command>: <what went wrong>`` and status 1 (the traceback too when
+    ``CLIPCAP_TRACEBACK`` is set)."""
+    if os.environ.get(TRACEBACK_VARIABLE):
+        traceback.print_exception(error)
+    print(f"clipcap {command}: {describe_error(error)}".replace("clipcap : ", "clipcap: "), file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for an expected error: an OS error as ``<what>: <file>``, anything else as its message."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        where = f"{error.filename} -> {error.filename2}" if error.filename2 else str(error.filename)
+        return f"{error.strerror}: {where}"
+    return str(error).strip() or type(error).__name__
+
+
+def _run(words: list[str], from_sys_argv: bool) -> None:
     if words and words[0] in _EXTRA_COMMANDS:
         module_name, function = _EXTRA_COMMANDS[words[0]].split(":")
-        module = __import__(module_name, fromlist=[function])
+        module = importlib.import_module(module_name)
         getattr(module, function)(words[1:])
         return
     if words and words[0] in ("-h", "--help"):
         print("clipcap commands: fit validate test predict (LightningCLI), " + " ".join(_EXTRA_COMMANDS))
     # LightningCLI reads sys.argv itself when given no args (and warns when given both).
-    lightning_cli(None if argv is None else words)
+    lightning_cli(None if from_sys_argv else words)

@@ -65,10 +65,7 @@ import argparse
 import functools
 import json
 import logging
-import pickle
 import re
-import warnings
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +74,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel
 
+from clipcap.checkpoints import EggCheckpoint, read_checkpoint
 from clipcap.files import staged_folder
 from clipcap.mapper import Mapper, MLPMapper, TransformerMapper
 from clipcap.pretrained import resolve_pretrained
@@ -110,54 +108,6 @@ CONVERTED_MAPPER = "mapper.safetensors"
 CONVERTED_MODEL_CONFIG = "model.yaml"
 
 
-class _EggCheckpoint(NamedTuple):
-    """Stands in for ``egg.core.callbacks.Checkpoint`` when unpickling EGG's ``.tar`` files."""
-
-    epoch: int
-    model_state_dict: Any
-    optimizer_state_dict: Any
-    optimizer_scheduler_state_dict: Any
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading files
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """Reads a checkpoint file without running pickled code.
-
-    Args:
-        path: a ``torch.save`` file (a state dict, a Lightning checkpoint, EGG's ``Checkpoint``) or a
-            TorchScript archive (OpenAI's CLIP files), whose state dict is returned.
-
-    Raises:
-        FileNotFoundError: there is no such file.
-        ValueError: the file holds objects other than tensors and plain containers.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if _is_torchscript(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated; still reads these
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
-    try:
-        with torch.serialization.safe_globals([(_EggCheckpoint, "egg.core.callbacks.Checkpoint")]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # foreign classes, or not a checkpoint
-        raise ValueError(
-            f"{path}: cannot read it as tensors ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            "Load it where its classes are importable and save its state_dict() with torch.save."
-        ) from None
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
-
-
 def state_dict_of(checkpoint: Any, source: str) -> StateDict:
     """The model state dict inside what :func:`read_checkpoint` returned.
 
@@ -167,7 +117,7 @@ def state_dict_of(checkpoint: Any, source: str) -> StateDict:
     Raises:
         ValueError: a Lightning checkpoint (already clipcap's), or no state dict of tensors.
     """
-    if isinstance(checkpoint, _EggCheckpoint):
+    if isinstance(checkpoint, EggCheckpoint):
         checkpoint = checkpoint.model_state_dict
     if (
         isinstance(checkpoint, Mapping)

@@ -30,6 +30,7 @@ from jsonargparse import ArgumentParser
 from safetensors.torch import load_file, save_file
 
 from clipcap.captioner import ClipCaptioner
+from clipcap.checkpoints import read_checkpoint
 from clipcap.files import staged_folder
 
 CONFIG_FILE = "captioner.json"
@@ -52,13 +53,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merged: bool = Fa
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"clipcap export: {out} exists; choose a new folder")
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = read_checkpoint(checkpoint, "clipcap export --ckpt")
     config = saved.get("hyper_parameters", {}).get("captioner")
     if not isinstance(config, dict) or "class_path" not in config:
         raise ValueError(
             f"clipcap export: {checkpoint} holds no captioner config (it was not written by `clipcap fit`)"
         )
-    module = CaptionModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    module = CaptionModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     captioner = module.captioner
     if not isinstance(captioner, ClipCaptioner):
         raise ValueError(

@@ -103,6 +103,7 @@ class CaptionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output_dir = output_dir
+        self.written: list[Path] = []  # the file this rank wrote last
 
     def write_on_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions, batch_indices
@@ -114,4 +115,5 @@ class CaptionWriter(BasePredictionWriter):
             "predictions.json" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.json"
         )
         atomic_write_json(folder / name, rows, indent=1)
+        self.written = [folder / name]
         rank_zero_info(f"Wrote {len(rows)} captions to {folder / name}")

@@ -5,22 +5,58 @@ hyperparameters, or ``--clip``), batched; each line printed is ``<image>\\t<capt
 CLIPScore when ``--clip_score`` is given::
 
     clipcap caption --ckpt runs/coco_ce/.../best.ckpt photos/*.jpg --num_beams 5 --clip_score
+
+Captions are decoded as ``clipcap test`` decodes them: the test decoding the checkpoint records (its
+``CaptionEvaluation``), else the module's decoding; every ``DecodingConfig`` field can be overridden
+(``--num_beams 3 --stop_at_period true``). The decoding used is printed on stderr. Images that cannot be read
+are reported there too; the others are captioned, and the command exits 1 if any image failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from clipcap.generation import DecodingConfig
+from clipcap.training.evaluation import TEST_DECODING_KEY
 
 
 def checkpoint_clip(checkpoint: dict[str, Any]) -> tuple[str | None, bool]:
     """The data's ``clip_model`` and ``grid_features`` recorded in a checkpoint, if any."""
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     return data.get("clip_model"), bool(data.get("grid_features", False))
+
+
+def checkpoint_test_decoding(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The test decoding a checkpoint's ``CaptionEvaluation`` recorded, or None (no such callback, or a
+    checkpoint written before it was recorded)."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and isinstance(state.get(TEST_DECODING_KEY), dict):
+            return state[TEST_DECODING_KEY]
+    return None
+
+
+def describe_decoding(decoding: DecodingConfig) -> str:
+    """``beam 5, up to 40 tokens, stop at EOS`` and any other setting that differs from the default."""
+    way = f"beam {decoding.num_beams}" if decoding.num_beams > 1 else "greedy"
+    if decoding.do_sample:
+        way = f"sampling (temperature {decoding.temperature}, top-k {decoding.top_k}, top-p {decoding.top_p})"
+    stops = "EOS or a '.'" if decoding.stop_at_period else "EOS"
+    text = f"{way}, up to {decoding.max_new_tokens} tokens, stop at {stops}"
+    shown = {"num_beams", "do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "stop_at_period"}
+    default = DecodingConfig()
+    others = [
+        f"{field.name}={getattr(decoding, field.name)}"
+        for field in dataclasses.fields(DecodingConfig)
+        if field.name not in shown and getattr(decoding, field.name) != getattr(default, field.name)
+    ]
+    return text + (f" ({', '.join(others)})" if others else "")
 
 
 def caption_images(
@@ -32,28 +68,41 @@ def caption_images(
     decoding_overrides: dict[str, Any] | None = None,
     clip_score: bool = False,
 ) -> list[dict[str, Any]]:
-    """Captions image files; returns ``[{"image", "caption", "clip_score"?}]`` in the order given.
+    """Captions image files; returns one row per image in the order given: ``{"image", "caption",
+    "clip_score"?}``, or ``{"image", "error"}`` for an image that cannot be read.
 
     Raises:
-        ValueError: no CLIP is known, or its feature size does not fit the checkpoint's mapper.
-        clipcap.data.images.ImageReadError: an image cannot be read (its path and reason are named).
+        FileNotFoundError, clipcap.checkpoints.CheckpointError: the checkpoint is missing, unreadable or
+            unsafe.
+        ValueError: no CLIP is known, or its feature size does not fit the checkpoint's mapper, or a
+            decoding override is invalid.
     """
-    from dataclasses import replace
-
-    from clipcap.data.images import load_image
+    from clipcap.checkpoints import read_checkpoint
+    from clipcap.data.images import ImageReadError, load_image
     from clipcap.features.encoders import load_image_encoder
     from clipcap.metrics.clip_scores import clip_score as clip_score_of
     from clipcap.training.module import CaptionModule
 
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(checkpoint_path, "--ckpt")
     recorded_clip, grid = checkpoint_clip(checkpoint)
     clip_name = clip or recorded_clip
     if clip_name is None:
         raise ValueError(
             f"{checkpoint_path} does not record the CLIP its features came from; pass --clip NAME"
         )
-    module = CaptionModule.load_from_checkpoint(checkpoint_path, map_location=device, weights_only=False)
+    module = CaptionModule.load_from_checkpoint(checkpoint_path, map_location=device, weights_only=True)
     module.eval()
+    recorded = checkpoint_test_decoding(checkpoint)
+    known = {field.name for field in dataclasses.fields(DecodingConfig)}
+    base = (
+        DecodingConfig(**{k: v for k, v in recorded.items() if k in known})
+        if recorded is not None
+        else module.decoding
+    )
+    decoding = dataclasses.replace(base, **(decoding_overrides or {}))
+    source = "the checkpoint's test decoding" if recorded is not None else "the checkpoint's model.decoding"
+    changed = f", with {sorted(decoding_overrides)} from the command line" if decoding_overrides else ""
+    print(f"[clipcap caption] decoding: {describe_decoding(decoding)} ({source}{changed})", file=sys.stderr)
     encoder = load_image_encoder(clip_name).to(device)  # BLIP's vision encoder for a BLIP captioner
     if clip_score and not hasattr(encoder, "encode_text"):
         raise ValueError(
@@ -65,11 +114,16 @@ def caption_images(
             f"CLIP {clip_name!r} gives {encoder.dim}-d features but the checkpoint's mapper takes "
             f"{module.captioner.clip_dim}-d ones: pass the CLIP it was trained with (--clip)"
         )
-    decoding = replace(module.decoding, **(decoding_overrides or {}))
-    results: list[dict[str, Any]] = []
-    for start in range(0, len(images), batch_size):
-        paths = images[start : start + batch_size]
-        pixels = encoder.preprocess([load_image(path, Path(path).name) for path in paths])
+    rows: dict[str, dict[str, Any]] = {}
+    readable: list[tuple[str, Any]] = []
+    for path in images:
+        try:
+            readable.append((path, load_image(path, Path(path).name)))
+        except ImageReadError as error:
+            rows[path] = {"image": path, "error": error.reason}
+    for start in range(0, len(readable), batch_size):
+        batch = readable[start : start + batch_size]
+        pixels = encoder.preprocess([image for _, image in batch])
         with torch.no_grad():
             if grid:
                 pooled, features = encoder.encode_images_and_grid(pixels)
@@ -80,44 +134,63 @@ def caption_images(
             if clip_score:  # only then: a BLIP captioner's encoder cannot score
                 prompted = [f"A photo depicts {c}" for c in captions]
                 scores = clip_score_of(pooled, encoder.encode_text(prompted)).tolist()
-        for path, caption, score in zip(paths, captions, scores, strict=True):
+        for (path, _), caption, score in zip(batch, captions, scores, strict=True):
             row: dict[str, Any] = {"image": path, "caption": caption}
             if clip_score:
                 row["clip_score"] = score
-            results.append(row)
-    return results
+            rows[path] = row
+    return [rows[path] for path in images]
+
+
+def _decoding_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Adds one ``--<field>`` option per ``DecodingConfig`` field; returns their names."""
+    group = parser.add_argument_group("decoding (default: the checkpoint's test decoding)")
+    names = []
+    for field in dataclasses.fields(DecodingConfig):
+        kind = type(field.default)
+        parse = _boolean if kind is bool else kind
+        group.add_argument(f"--{field.name}", type=parse, default=None, metavar=kind.__name__.upper())
+        names.append(field.name)
+    return names
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Entry point of ``clipcap caption``."""
+    """Entry point of ``clipcap caption``; exits 1 when any image could not be captioned."""
     parser = argparse.ArgumentParser(prog="clipcap caption", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by `clipcap fit`")
     parser.add_argument("--clip", default=None, help="the CLIP to encode with (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--num_beams", type=int, default=None, help="override the checkpoint's decoding")
-    parser.add_argument("--max_new_tokens", type=int, default=None)
     parser.add_argument("--clip_score", action="store_true", help="also print each caption's CLIPScore")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
+    decoding_fields = _decoding_options(parser)
     args = parser.parse_args(argv)
-    overrides = {
-        key: value
-        for key, value in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
-        if value is not None
-    }
-    from clipcap.data.images import ImageReadError
-
-    try:
-        results = caption_images(
-            args.ckpt, args.images, args.clip, args.device, args.batch_size, overrides, args.clip_score
-        )
-    except (ValueError, ImageReadError, FileNotFoundError) as error:
-        raise SystemExit(f"clipcap caption: {error}") from error
+    overrides = {name: getattr(args, name) for name in decoding_fields if getattr(args, name) is not None}
+    results = caption_images(
+        args.ckpt, args.images, args.clip, args.device, args.batch_size, overrides, args.clip_score
+    )
+    captioned = [row for row in results if "caption" in row]
+    failed = [row for row in results if "error" in row]
     if args.json:
-        print(json.dumps(results, indent=1, ensure_ascii=False))
+        print(json.dumps(captioned, indent=1, ensure_ascii=False))
     else:
-        for row in results:
+        for row in captioned:
             score = f"\t{row['clip_score']:.4f}" if "clip_score" in row else ""
             print(f"{row['image']}\t{row['caption']}{score}")
+    for row in failed:
+        print(f"clipcap caption: cannot read {row['image']}: {row['error']}", file=sys.stderr)
+    if failed:
+        print(
+            f"clipcap caption: {len(failed)} of {len(results)} images could not be captioned", file=sys.stderr
+        )
+        raise SystemExit(1)
     return results

@@ -8,9 +8,11 @@ results format), ``metrics.json`` and, at test time, ``report.html``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -26,6 +28,10 @@ from clipcap.metrics.report import ReportRow, write_report
 from clipcap.training.data import CaptionDataModule
 
 logger = logging.getLogger(__name__)
+
+TEST_DECODING_KEY = "test_decoding"
+"""The entry of a ``CaptionEvaluation``'s checkpointed state that holds its test decoding (read by
+``clipcap caption``)."""
 
 DEFAULT_NLG_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -112,8 +118,16 @@ class CaptionEvaluation(pl.Callback):
         self.report_at_validation = report_at_validation
         self.output_dir = output_dir
         self._encoder = None
+        self.written: list[Path] = []  # the files the last evaluation wrote
         self._state: _StageState | None = None
         self.last_metrics: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints so that ``clipcap caption`` decodes as ``clipcap test`` does."""
+        return {TEST_DECODING_KEY: dataclasses.asdict(self.decoding["test"])}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run keeps the decoding of its own config."""
 
     # ------------------------------------------------------------------------------------------- hooks
 
@@ -279,6 +293,7 @@ class CaptionEvaluation(pl.Callback):
                 for i in sorted(captions)
             ]
             written.append(write_report(folder / "report.html", rows, self.last_metrics))
+        self.written = written
         rank_zero_info(f"[evaluation] {stage}: wrote " + ", ".join(str(path) for path in written))
 
     def output_folder(self, trainer: pl.Trainer, stage: str) -> Path:

@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 
 from clipcap.captioner import Captioner
+from clipcap.checkpoints import read_checkpoint
 from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.objectives.base import Objective
@@ -76,14 +77,7 @@ class CaptionModule(pl.LightningModule):
         DiscriTune ``.pt`` (a state dict without Lightning's ``state_dict`` entry) is converted on the fly
         (:func:`clipcap.convert.load_original_captioner_weights`).
         """
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model.init_from: checkpoint {path} does not exist") from None
-        except ModuleNotFoundError:  # pickled classes of another project, e.g. EGG's Checkpoint tuple
-            from clipcap.convert import read_checkpoint
-
-            checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, "model.init_from")
         if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint):
             from clipcap.convert import load_original_captioner_weights
 
