@@ -238,3 +238,27 @@ def test_python_dash_m_clipcap_shows_the_cli() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--model.objective" in result.stdout
+
+
+def test_ckpt_path_last_resumes_the_latest_run_of_the_root_folder(tiny_world: Path, tmp_path: Path) -> None:
+    """The shipped configs log to versioned folders; ``--ckpt_path last`` must find the previous version's
+    last.ckpt (Lightning alone looks in the new, empty version folder and starts from scratch)."""
+    common = ["fit", "--config", CE_CONFIG, "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+              "--trainer.enable_progress_bar=false", "--seed_everything=5"]  # fmt: skip
+    straight = lightning_cli(
+        [*common, "--trainer.max_epochs=2", "--trainer.default_root_dir", str(tmp_path / "a")]
+    )
+    stopped_root = str(tmp_path / "b")
+    lightning_cli([*common, "--trainer.max_epochs=1", "--trainer.default_root_dir", stopped_root])
+    resumed = lightning_cli(
+        [*common, "--trainer.max_epochs=2", "--trainer.default_root_dir", stopped_root, "--ckpt_path", "last"]
+    )
+    first_run = Path(stopped_root) / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert Path(resumed.trainer.ckpt_path) == first_run  # without the resolution: None, and a fresh start
+    assert Path(resumed.trainer.log_dir).name == "version_1"
+    assert resumed.trainer.global_step == straight.trainer.global_step == 6
+    expected = straight.model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+    with pytest.raises(FileNotFoundError, match=rf"no last\*\.ckpt anywhere under {tmp_path / 'empty'}"):
+        lightning_cli([*common, "--trainer.default_root_dir", str(tmp_path / "empty"), "--ckpt_path", "last"])
