@@ -667,3 +667,29 @@ def test_summary_merges_splits(encoder: ClipEncoder, good_entries: list[ImageEnt
     )
     leftovers = [p.name for p in root.iterdir() if p.name not in {"train", "val", "summary.json"}]
     assert all(not name.startswith("summary.json.tmp") for name in leftovers)
+
+
+def test_an_image_with_non_finite_features_is_skipped_and_named(
+    encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN from the encoder (an fp16 overflow, a broken model) must not reach the cache: the image is
+    skipped and reported, as an unreadable one is."""
+    original = type(encoder).encode_images
+
+    def with_nan_for_the_third(self, pixels):
+        features = original(self, pixels)
+        features[2] = float("nan")
+        return features
+
+    monkeypatch.setattr(type(encoder), "encode_images", with_nan_for_the_third)
+    report = extract_entries(
+        encoder, good_entries, tmp_path / "cache", "toy", "train", batch_size=4, progress=False
+    )
+    # Row 2 of each chunk of 4: img2 and img6.
+    assert [(item["image_id"], item["reason"]) for item in report.skipped] == [
+        ("img2", "non-finite features (NaN or inf)"),
+        ("img6", "non-finite features (NaN or inf)"),
+    ]
+    cache = FeatureCache.open(tmp_path / "cache")
+    assert cache.image_ids == ["img0", "img1", "img3", "img4", "img5"]
+    assert report.skipped[0]["source"] == good_entries[2].image

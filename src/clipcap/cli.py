@@ -29,7 +29,7 @@ from clipcap.console import quiet_third_party
 from clipcap.objectives.base import Objective
 from clipcap.training.callbacks import default_progress_bar
 from clipcap.training.data import CaptionDataModule
-from clipcap.training.module import CaptionModule
+from clipcap.training.module import CaptionModule, NothingLearnt
 
 TRACEBACK_VARIABLE = "CLIPCAP_TRACEBACK"
 """Set it (to anything) to see the full traceback of an error the command otherwise gives in one line."""
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     command = words[0] if words and not words[0].startswith("-") else ""
     try:
         _run(words, argv is None)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, NothingLearnt) as error:
         fail(command, error)
 
 

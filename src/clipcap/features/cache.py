@@ -191,7 +191,14 @@ class FeatureCache:
                 f"feature cache {self.folder} has no grid features; re-extract it with grid features "
                 "(`clipcap features --grid`)"
             )
-        return np.array(self.grid[self.index_of(image_id)], dtype=np.float32)
+        row = self.index_of(image_id)
+        features = np.array(self.grid[row], dtype=np.float32)
+        if not np.isfinite(features).all():
+            raise FeatureCacheError(
+                f"{self.folder / GRID_FILE}: row {row} (image {image_id!r}) holds a non-finite value (NaN or "
+                "inf); re-extract the features"
+            )
+        return features
 
     @staticmethod
     def exists(folder: str | os.PathLike[str]) -> bool:
@@ -269,6 +276,13 @@ class FeatureCache:
             "grid_shape": grid_shape,
             "grid_dtype": grid_dtype if grid is not None else None,
         }
+        _refuse_non_finite(
+            feature_blocks, ids, f"feature cache {folder}: {FEATURES_FILE}", "nothing was written"
+        )
+        if grid is not None:
+            _refuse_non_finite(
+                grid_blocks, ids, f"feature cache {folder}: {GRID_FILE}", "nothing was written"
+            )
         # Serialise before touching the disk so unserialisable meta fails without leftovers.
         meta_text = json.dumps(full_meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
         ids_text = json.dumps(ids) + "\n"
@@ -357,6 +371,9 @@ class FeatureCache:
                     f"{folder / META_FILE}: {key} is {meta.get(key)!r} but {FEATURES_FILE} has {actual}"
                 )
 
+        # The pooled features are read in full once (a few hundred MB for COCO); grid rows, which can be
+        # tens of GB, are checked as they are read (get_grid).
+        _refuse_non_finite([features], image_ids, str(features_path), "re-extract the features")
         grid = _open_grid(folder, meta, len(image_ids), int(features.shape[1]))
         cache = cls(folder, features, image_ids, meta, grid=grid)
         if expect is not None:
@@ -457,6 +474,30 @@ def _open_grid(folder: Path, meta: dict[str, Any], count: int, dim: int) -> np.n
             f"{grid_path}: expected {grid_dtype} (meta.json grid_dtype), got {grid.dtype}"
         )
     return grid
+
+
+_CHECK_BLOCK_BYTES = 64 * 2**20
+
+
+def _refuse_non_finite(
+    blocks: Sequence[np.ndarray], image_ids: Sequence[str], where: str, advice: str
+) -> None:
+    """Raises :class:`FeatureCacheError` naming the first row (and its image id) that holds a NaN or inf.
+    Reads the rows in bounded blocks, so memory-mapped arrays are never loaded whole."""
+    offset = 0
+    for block in blocks:
+        row_bytes = max(1, int(np.prod(block.shape[1:], dtype=np.int64)) * block.dtype.itemsize)
+        step = max(1, _CHECK_BLOCK_BYTES // row_bytes)
+        for start in range(0, block.shape[0], step):
+            part = np.asarray(block[start : start + step])
+            finite = np.isfinite(part).reshape(part.shape[0], -1).all(axis=1)
+            if not finite.all():
+                row = offset + start + int(np.argmin(finite))
+                image = f" (image {image_ids[row]!r})" if row < len(image_ids) else ""
+                raise FeatureCacheError(
+                    f"{where}: row {row}{image} holds a non-finite value (NaN or inf); {advice}"
+                )
+        offset += block.shape[0]
 
 
 def _row_blocks(

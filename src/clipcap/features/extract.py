@@ -294,7 +294,7 @@ def extract_entries(
     if skipped:
         shown = "; ".join(f"{item['image_id']} ({item['reason']})" for item in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        logger.warning("%s/%s: skipped %d unreadable images: %s%s", dataset, split, len(skipped), shown, more)
+        logger.warning("%s/%s: skipped %d images: %s%s", dataset, split, len(skipped), shown, more)
     return report
 
 
@@ -442,11 +442,13 @@ class _ChunkDataset(Dataset):
         rows = self.sources[chunk * self.batch_size : (chunk + 1) * self.batch_size]
         pixels: list[np.ndarray] = []
         kept: list[str] = []
+        kept_sources: list[str] = []
         skipped: list[dict[str, str]] = []
         for image_id, source in rows:
             try:
                 pixels.append(self._read(source, image_id))
                 kept.append(image_id)
+                kept_sources.append(source)
             except ImageReadError as error:
                 skipped.append({"image_id": image_id, "source": source, "reason": error.reason})
         size = self.preprocess.image_size
@@ -455,7 +457,13 @@ class _ChunkDataset(Dataset):
             if pixels
             else torch.empty((0, 3, size, size), dtype=torch.float32)
         )
-        return {"chunk": chunk, "pixels": stacked, "image_ids": kept, "skipped": skipped}
+        return {
+            "chunk": chunk,
+            "pixels": stacked,
+            "image_ids": kept,
+            "sources": kept_sources,
+            "skipped": skipped,
+        }
 
     def _read(self, source: str, image_id: str) -> np.ndarray:
         image = load_image(source, image_id, max_pixels=self.max_pixels)
@@ -587,6 +595,27 @@ def _encode_and_save_chunk(
             grid_features = grid_tensor.cpu().numpy().astype(grid_dtype, copy=False)
         else:
             pooled = encoder.encode_images(pixels).float().cpu().numpy()
+    # An image whose features are not finite (an fp16 overflow, a broken encoder) is skipped and reported
+    # like an unreadable one; the cache itself refuses non-finite values.
+    finite = np.isfinite(pooled).all(axis=1)
+    if grid_features is not None:
+        finite &= np.isfinite(grid_features).reshape(len(grid_features), -1).all(axis=1)
+    if not finite.all():
+        bad = [image_id for image_id, ok in zip(item["image_ids"], finite.tolist(), strict=True) if not ok]
+        sources = dict(zip(item["image_ids"], item["sources"], strict=True))
+        reason = "non-finite features (NaN or inf)" + (f" in {grid_dtype} grid" if grid else "")
+        item = {
+            **item,
+            "image_ids": [
+                image_id for image_id, ok in zip(item["image_ids"], finite.tolist(), strict=True) if ok
+            ],
+            "skipped": [
+                *item["skipped"],
+                *({"image_id": i, "source": sources[i], "reason": reason} for i in bad),
+            ],
+        }
+        pooled = pooled[finite]
+        grid_features = grid_features[finite] if grid_features is not None else None
     chunk = item["chunk"]
     atomic_save_npy(_chunk_file(partial, chunk, "features.npy"), pooled)
     if grid_features is not None:

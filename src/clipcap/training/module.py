@@ -20,6 +20,11 @@ from clipcap.generation import DecodingConfig
 from clipcap.objectives.base import Objective
 
 
+class NothingLearnt(RuntimeError):
+    """Every training step of an epoch was skipped: the run cannot learn, and stops instead of writing
+    checkpoints of an untrained model."""
+
+
 def _default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-5, fused=True)
 
@@ -66,6 +71,9 @@ class CaptionModule(pl.LightningModule):
         self.decoding = decoding or DecodingConfig()
         self.init_from = init_from
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._epoch_steps = self._epoch_skipped = (
+            0  # training steps of the current epoch, and how many skipped
+        )
         if init_from is not None:
             self._load_captioner_weights(init_from)
 
@@ -136,8 +144,12 @@ class CaptionModule(pl.LightningModule):
         if stage != "train" and batch.references and self.objective.needs_captions:
             batch = batch.with_every_reference()
         output = self.objective(self.captioner, batch)
+        if stage == "train":
+            self._epoch_steps += 1
         if output.skip or not torch.isfinite(output.loss):
             self.skipped_steps += 1
+            if stage == "train":
+                self._epoch_skipped += 1
             rank_zero_warn(
                 f"{stage} step {self.global_step}: non-finite loss or reward; no update from this batch "
                 f"({int(self.skipped_steps)} skipped so far)"
@@ -169,6 +181,22 @@ class CaptionModule(pl.LightningModule):
 
     def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor | None:
         return self._shared_step(batch, "train")
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_steps = self._epoch_skipped = 0
+
+    def on_train_epoch_end(self) -> None:
+        """Stops the run when every training step of the epoch was skipped (under DDP, on every rank)."""
+        counts = torch.tensor([self._epoch_steps, self._epoch_skipped], dtype=torch.long, device=self.device)
+        if self._trainer is not None:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        steps, skipped = (int(value) for value in counts.tolist())
+        if steps > 0 and skipped == steps:
+            raise NothingLearnt(
+                f"all {steps} training steps of epoch {self.current_epoch} were skipped (non-finite loss or "
+                "reward), so nothing was learnt; look for NaN or inf in the features and check the learning "
+                "rate and the objective's settings"
+            )
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor | None:
         return self._shared_step(batch, "val")
