@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -304,3 +305,42 @@ def test_leftovers_of_a_killed_build_are_removed(tmp_path: Path, monkeypatch: py
     (tmp_path / ".other.tmp-1").mkdir()  # another world's staging folder is not ours to delete
     world.ensure_world(target)
     assert sorted(path.name for path in tmp_path.iterdir()) == [".other.tmp-1", ".world.lock", "world"]
+
+
+def test_two_concurrent_first_uses_build_the_world_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``clipcap world`` twice at once on an empty folder: one builds, the other says it waits, then finds
+    the world complete and leaves it in place (it used to check before locking, then rebuild and replace)."""
+    import threading
+    import time
+
+    builds: list[Path] = []
+
+    def quick_build(folder: Path, spec: WorldSpec, final_dir: Path) -> None:
+        builds.append(folder)
+        time.sleep(0.5)
+        folder.mkdir()
+        info = {"version": world.WORLD_VERSION, "complete": True, "metrics": {}, "builder": len(builds)}
+        (folder / world.WORLD_FILE).write_text(json.dumps(info))
+
+    monkeypatch.setattr(world, "_build_into", quick_build)
+    target = tmp_path / "world"
+    errors: list[BaseException] = []
+
+    def first_use() -> None:
+        try:
+            world.main(["--dir", str(target), "--tiny"])
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    with caplog.at_level(logging.WARNING, logger="clipcap.synthetic.world"):
+        threads = [threading.Thread(target=first_use) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.1)
+        for thread in threads:
+            thread.join()
+    assert errors == [] and len(builds) == 1
+    assert json.loads((target / world.WORLD_FILE).read_text())["builder"] == 1
+    assert any("waiting for another process" in record.getMessage() for record in caplog.records)

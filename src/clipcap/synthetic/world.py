@@ -265,18 +265,25 @@ def ensure_world(world_dir: str | os.PathLike[str] | None = None) -> Path:
     return world_dir
 
 
-def build_world(world_dir: str | os.PathLike[str], spec: WorldSpec) -> Path:
-    """Builds a world with ``spec`` at ``world_dir``, replacing any world already there.
+def build_world(world_dir: str | os.PathLike[str], spec: WorldSpec, force: bool = False) -> Path:
+    """Builds a world with ``spec`` at ``world_dir`` unless a complete one is already there.
+
+    Completeness is checked after taking the build lock, so concurrent first uses build once: the others
+    wait (saying so) and then find the world complete.
 
     Args:
         world_dir: the final folder; it appears only once the build is complete.
         spec: what to build.
+        force: build even over a complete world (which is replaced only once the new one is complete).
 
     Returns:
         ``world_dir``.
     """
     world_dir = Path(world_dir)
     with _build_lock(world_dir) as exclusive:
+        if not force and is_complete_world(world_dir):
+            logger.info("a complete world is already at %s (use --force to rebuild)", world_dir)
+            return world_dir
         if exclusive:
             _remove_leftovers(world_dir)
         _build_and_install(world_dir, spec, replace=True)
@@ -317,8 +324,16 @@ def _build_lock(world_dir: Path) -> Iterator[bool]:
     except ImportError:  # not POSIX: builders may race; the rename in _install still keeps worlds whole
         yield False
         return
-    with open(world_dir.parent / f".{world_dir.name}.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    lock = world_dir.parent / f".{world_dir.name}.lock"
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # A warning, not info: it must be visible without logging configured, since the user waits.
+            logger.warning(
+                "waiting for another process to finish building the synthetic world at %s", world_dir
+            )
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield True
         finally:
@@ -925,11 +940,7 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     world_dir = args.dir if args.dir is not None else default_world_dir()
-    spec = WorldSpec.tiny() if args.tiny else WorldSpec.default()
-    if args.force or not is_complete_world(world_dir):
-        build_world(world_dir, spec)
-    else:
-        logger.info("a complete world is already at %s (use --force to rebuild)", world_dir)
+    build_world(world_dir, WorldSpec.tiny() if args.tiny else WorldSpec.default(), force=args.force)
     info = read_world_info(world_dir)
     metrics = info["metrics"] if info else {}
     print(f"synthetic world: {world_dir}")
