@@ -531,6 +531,26 @@ def write_shard(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
+@pytest.mark.parametrize("cut", ["after a sample", "inside a member", "in the end blocks"])
+def test_a_truncated_shard_is_an_error_naming_it(tmp_path: Path, cut: str) -> None:
+    members = {
+        f"{key:09d}.{kind}": b"x" * 700 if kind == "jpg" else b"a cap"
+        for key in range(3)
+        for kind in ("jpg", "txt")
+    }
+    shard = write_shard(tmp_path / "00000.tar", members)
+    data = shard.read_bytes()
+    # Each sample is a 512-byte header + 1024 bytes of image, then a header + one block of caption.
+    length = {"after a sample": 2560, "inside a member": 2000, "in the end blocks": 7680 + 512}[cut]
+    shard.write_bytes(data[:length])
+    with pytest.raises(
+        AnnotationError, match=r"00000\.tar: archive: field '\(tar\)' is truncated: its \d+ bytes"
+    ):
+        read_webdataset_shards(tmp_path, "train")
+    shard.write_bytes(data)
+    assert len(read_webdataset_shards(tmp_path, "train").entries) == 3
+
+
 def test_webdataset_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     extracted: list[str] = []
     real_extractfile = tarfile.TarFile.extractfile

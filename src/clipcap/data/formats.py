@@ -491,11 +491,34 @@ def _read_shard(shard: Path) -> tuple[dict[str, str], dict[str, bytes]]:
                 elif extension == "txt":
                     handle = archive.extractfile(member)
                     captions[key] = handle.read() if handle is not None else b""
+            end = archive.offset
     except tarfile.TarError as error:
         raise AnnotationError(
             shard, "archive", "(tar)", f"is not a readable tar archive ({error})"
         ) from error
+    _check_tar_end(shard, end)
     return images, captions
+
+
+def _check_tar_end(shard: Path, end: int) -> None:
+    """Raises unless the end-of-archive marker (two zero blocks) follows the last member.
+
+    Python's ``tarfile`` stops quietly at the end of a file cut at a header boundary, or inside a member
+    it has not read yet, so a shard truncated by an interrupted download or copy would lose its later
+    samples without a word.
+    """
+    size = shard.stat().st_size
+    with open(shard, "rb") as handle:
+        handle.seek(end)
+        marker = handle.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise AnnotationError(
+            shard,
+            "archive",
+            "(tar)",
+            f"is truncated: its {size} bytes end without the end-of-archive blocks after the member ending "
+            f"at byte {end}, so later samples are missing; download or copy the shard again",
+        )
 
 
 def _annotation_set(source: Path, entries: list[ImageEntry], dropped: int, **notes: int) -> AnnotationSet:
