@@ -595,6 +595,63 @@ def test_malformed_annotations_stop_extraction_with_one_message(tiny_world: Path
     assert not (tmp_path / "features" / "train").exists()
 
 
+MISSING_FOLDER_OVERRIDES = {
+    "coco_karpathy": "image_dir",
+    "flickr30k": "image_dir",
+    "coco_captions": "image_dirs",
+    "nocaps": "image_dirs",
+    "concadia": "image_dir",
+    "conceptual_tsv": "image_dirs",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISSING_FOLDER_OVERRIDES))
+def test_a_missing_image_folder_stops_extraction(corpora, name: str, tmp_path: Path) -> None:
+    """It used to give exit 0, every image "file not found" and an empty cache."""
+    missing = tmp_path / "not-downloaded"
+    key = MISSING_FOLDER_OVERRIDES[name]
+    value = (
+        str(missing)
+        if key == "image_dir"
+        else json.dumps(dict.fromkeys(("train", "val", "test"), str(missing)))
+    )
+    datamodule = build_datamodule(str(corpora[name]), [])
+    if key == "image_dirs":  # only the splits the corpus has
+        value = json.dumps(dict.fromkeys(datamodule.splits_available, str(missing)))
+    overrides = [f"--data.init_args.{key}={value}", f"--data.init_args.features_dir={tmp_path / 'features'}"]
+    with pytest.raises(SystemExit) as stopped:
+        features_main(["--config", str(corpora[name]), "--no_progress", *overrides])
+    message = str(stopped.value)
+    assert f"{missing}" in message and "does not exist" in message, message
+    assert not (tmp_path / "features").exists() or not any((tmp_path / "features").rglob("features.npy"))
+
+
+def test_an_image_downloaded_later_is_extracted_by_a_plain_rerun(corpora, tmp_path: Path) -> None:
+    """Conceptual Captions row 2 was a dead link; once it is downloaded, a rerun without --force must
+    extract it (the cache used to count as up to date because its image ids had not changed)."""
+    import shutil
+
+    datamodule = build_datamodule(str(corpora["conceptual_tsv"]), [])
+    raw = tmp_path / "raw"
+    shutil.copytree(Path(datamodule.image_dirs["train"]).parent, raw)
+    overrides = [
+        f"--data.init_args.tsv_files={json.dumps({s: str(raw / f'{s}.tsv') for s in ('train', 'val')})}",
+        f"--data.init_args.image_dirs={json.dumps({s: str(raw / s) for s in ('train', 'val')})}",
+        f"--data.init_args.features_dir={tmp_path / 'features'}",
+    ]
+    arguments = ["--config", str(corpora["conceptual_tsv"]), "--splits", "train", "--no_progress", *overrides]
+    first = features_main(arguments)["train"]
+    assert (first.extracted, [row["image_id"] for row in first.skipped]) == (3, ["00000002"])
+    cache_file = tmp_path / "features" / "train" / "features.npy"
+    written = cache_file.stat().st_ino
+    again = features_main(arguments)["train"]
+    assert again.extracted == 3 and cache_file.stat().st_ino == written  # up to date: the cache is kept
+    draw(raw / "train" / "00000002.jpg", 62, "JPEG")
+    refreshed = features_main(arguments)["train"]
+    assert (refreshed.extracted, refreshed.skipped) == (4, [])
+    assert "00000002" in FeatureCache.open(tmp_path / "features" / "train").image_ids
+
+
 def test_concadia_is_scored_against_captions_and_descriptions(corpora) -> None:
     datamodule = build_datamodule(str(corpora["concadia"]), [])
     sets = datamodule.reference_sets("val")

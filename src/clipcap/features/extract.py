@@ -17,7 +17,11 @@ in DataLoader workers. It is built to run for hours over millions of images:
   machines sharing a filesystem) fill one partial folder; whichever finds every chunk done assembles the
   cache, under a file lock so that two finishing shards do not both assemble it;
 - **atomic**: the cache is written with :meth:`FeatureCache.write` only once every chunk exists, so an
-  interrupted extraction never leaves a folder that opens as a valid cache.
+  interrupted extraction never leaves a folder that opens as a valid cache;
+- **fresh**: a cache is up to date only for the same images on disk: it records a digest of every image's
+  file name, size and modification time (a shard member: its shard's), so an image downloaded, replaced or
+  deleted since is picked up by a plain rerun, which extracts the split again. An image folder that does
+  not exist is an error, not a split of "file not found" images.
 
 The partial folder holds ``manifest.json`` (what is being extracted: image ids in order, batch size,
 CLIP fingerprint and dtype, preprocessing, grid flag and dtype, pixel limit, dataset, split, and a digest
@@ -52,7 +56,7 @@ from tqdm.auto import tqdm
 
 import clipcap
 from clipcap.data.images import DEFAULT_MAX_PIXELS, ImageReadError, close_shards, load_image
-from clipcap.data.records import ImageEntry
+from clipcap.data.records import SHARD_MEMBER_SEPARATOR, ImageEntry
 from clipcap.features.cache import (
     GRID_DTYPES,
     INFORMATIONAL_CLIP_KEYS,
@@ -213,15 +217,29 @@ def extract_entries(
     FeatureCache.check_replaceable(folder)
     partial = partial_folder(folder)
 
+    _check_image_folders(entries, dataset, split)
     manifest = _manifest(encoder, ids, dataset, split, batch_size, grid, grid_dtype, max_pixels)
+    on_disk = _sources_on_disk(entries)
     references = {entry.image_id: len(entry.references) for entry in entries}
     if not force and FeatureCache.exists(folder):
         try:
             existing = FeatureCache.open(folder)
         except (OSError, ValueError):
             existing = None  # unreadable: extract it anew
-        if existing is not None and existing.meta.get("extraction_digest") == manifest["digest"]:
-            logger.info("%s is up to date (same images, CLIP and settings); nothing to extract", folder)
+        same_extraction = (
+            existing is not None and existing.meta.get("extraction_digest") == manifest["digest"]
+        )
+        if same_extraction and existing.meta.get("sources_digest") != on_disk["digest"]:
+            logger.warning(
+                "%s was extracted from other image files (%s of its %d images were on disk then, %d are now, "
+                "and sizes or modification times may differ); extracting the split again",
+                folder,
+                existing.meta.get("sources_present", "an unknown number"),
+                len(ids),
+                on_disk["present"],
+            )
+        elif same_extraction:
+            logger.info("%s is up to date (same image files, CLIP and settings); nothing to extract", folder)
             return ExtractionReport(
                 dataset=dataset,
                 split=split,
@@ -273,7 +291,9 @@ def extract_entries(
     cache: FeatureCache | None = None
     if all(c in done for c in range(chunk_count)):
         with _partial_lock(partial):
-            cache = _assemble_or_find(folder, partial, manifest, encoder, chunk_count, grid, grid_dtype)
+            cache = _assemble_or_find(
+                folder, partial, manifest, on_disk, encoder, chunk_count, grid, grid_dtype
+            )
     if cache is not None:
         kept = cache.image_ids
         skipped = list(cache.meta.get("skipped", []))
@@ -527,6 +547,47 @@ def _manifest(
     return manifest
 
 
+def _check_image_folders(entries: Sequence[ImageEntry], dataset: str, split: str) -> None:
+    """Raises when a folder the entries' images should be in does not exist: a wrong ``image_dir`` would
+    otherwise give a cache of zero images, each skipped as "file not found"."""
+    folders: dict[str, int] = {}
+    for entry in entries:
+        folder = os.path.dirname(entry.image.split(SHARD_MEMBER_SEPARATOR, 1)[0]) or "."
+        folders[folder] = folders.get(folder, 0) + 1
+    for folder, count in folders.items():
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{dataset}/{split}: the image folder {folder} does not exist ({count} of the split's "
+                f"{len(entries)} images are expected in it); point the data's image_dir (or image_dirs) at "
+                "the downloaded images"
+            )
+
+
+def _sources_on_disk(entries: Sequence[ImageEntry]) -> dict[str, Any]:
+    """A digest of what each entry's image is on disk now (file name, size, modification time; for a shard
+    member, its shard's), and how many of the images exist."""
+    digest = hashlib.sha256()
+    shard_stats: dict[str, str] = {}
+    present = 0
+    for entry in entries:
+        path, separator, member = entry.image.partition(SHARD_MEMBER_SEPARATOR)
+        if separator and path in shard_stats:
+            state = shard_stats[path]
+        else:
+            try:
+                stat = os.stat(path)
+                state = f"{stat.st_size}:{stat.st_mtime_ns}"
+            except OSError:
+                state = "-"
+            if separator:
+                shard_stats[path] = state
+        present += state != "-"
+        # The file's name, not its folder: a data set moved or mounted elsewhere is the same images.
+        name = os.path.basename(path) + separator + member
+        digest.update(f"{entry.image_id}\t{name}\t{state}\n".encode())
+    return {"digest": digest.hexdigest(), "present": present}
+
+
 def _autocast_dtype(device: torch.device) -> str | None:
     """The autocast precision in force for ``device`` (``clipcap features --dtype``), or None: it changes
     the features, so it is part of the manifest."""
@@ -643,6 +704,7 @@ def _assemble_or_find(
     folder: Path,
     partial: Path,
     manifest: dict[str, Any],
+    on_disk: dict[str, Any],
     encoder: ImageEncoder,
     chunk_count: int,
     grid: bool,
@@ -732,6 +794,8 @@ def _assemble_or_find(
         "images": len(ids),
         "skipped": skipped,
         "extraction_digest": manifest["digest"],
+        "sources_digest": on_disk["digest"],
+        "sources_present": on_disk["present"],
     }
     cache = FeatureCache.write(
         folder,
