@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import clipcap
 from clipcap.cli import lightning_cli
 from clipcap.generation import DecodingConfig
 from clipcap.training import CaptionEvaluation, SyntheticCaptions
@@ -81,8 +82,19 @@ def test_test_stage_writes_predictions_metrics_and_report(trained: Path, tmp_pat
     assert 0.0 <= metrics["metrics"]["ref_compare"] <= 1.0
 
     counter = EntryCounter()
-    counter.feed((folder / "report.html").read_text())
+    page = (folder / "report.html").read_text()
+    counter.feed(page)
     assert sorted(counter.ids) == sorted(test_ids)
+    # What the report evaluates is written at its top.
+    about = page[page.index("what this evaluates") : page.index('<section class="summary">')]
+    for expected in (
+        f"<code>{trained}</code>",
+        f"<code>{CE_CONFIG} (as run: {tmp_path / 'config.yaml'})</code>",
+        f"synthetic/test, {len(test_ids)} images",
+        "beam 5, up to 40 tokens, stop at EOS",
+        f"<code>{clipcap.__version__}</code>",
+    ):
+        assert expected in about, (expected, about)
 
     # The same captions scored outside the trainer give the same numbers.
     again = score_captions(

@@ -39,7 +39,8 @@ class ReportParser(HTMLParser):
         self.references: list[list[str]] = []
         self.placeholders: list[str] = []  # image id of the entry each placeholder is in
         self.images: list[tuple[str, str]] = []  # (image id of the entry, src)
-        self.summary_rows: dict[str, dict[str, str]] = {}  # table caption → row header → cell
+        self.summary_rows: dict[str, dict[str, str]] = {}  # table caption → row header → first cell
+        self.summary_cells: dict[str, dict[str, list[str]]] = {}  # table caption → row header → cells
         self.title = ""
         self.scripts: list[str] = []
         self.options: dict[str, list[str]] = {}  # select id → option values
@@ -126,7 +127,9 @@ class ReportParser(HTMLParser):
         elif kind == "th" and "tbody" in self.stack:
             self._row_header = text
         elif kind == "td" and self._table_caption and not self.entries:
-            self.summary_rows.setdefault(self._table_caption, {})[self._row_header] = text
+            cells = self.summary_cells.setdefault(self._table_caption, {}).setdefault(self._row_header, [])
+            cells.append(text)
+            self.summary_rows.setdefault(self._table_caption, {})[self._row_header] = cells[0]
 
 
 def parse(path: Path) -> tuple[ReportParser, str]:
@@ -260,12 +263,38 @@ def test_thumbnails_are_embedded_jpegs_and_missing_images_are_placeholders(
     assert parser.summary_rows["counts"]["without image"] == "2"
 
 
-def test_metrics_table_is_sorted_with_four_significant_digits(tmp_path: Path, rows: list[ReportRow]) -> None:
-    parser, _ = parse(write_report(tmp_path / "report.html", rows, METRICS))
+def test_the_report_says_what_it_evaluates_and_orders_its_metrics(
+    tmp_path: Path, rows: list[ReportRow]
+) -> None:
+    metrics = {
+        **METRICS,
+        "METEOR": 0.25,
+        "retrieval_p_at_1": 41.5,
+        "recall_at_10": 80.0,
+        "recall_at_5": 70.25,
+        "clip_score/out-domain": 0.65,
+    }
+    about = {"checkpoint": "runs/<x>/best.ckpt", "split": "test", "decoding": "beam 5, up to 40 tokens"}
+    parser, _ = parse(write_report(tmp_path / "report.html", rows, metrics, about=about))
 
-    metrics = parser.summary_rows["metrics"]
-    assert list(metrics) == sorted(METRICS)
-    assert metrics == {"BERTScore": "0.91", "Bleu_4": "0.3457", "CIDEr": "1.235", "clip_score": "0.7"}
+    assert parser.summary_rows["what this evaluates"] == about  # in the given order, escaped
+    assert list(parser.summary_rows["what this evaluates"]) == list(about)
+    cells = parser.summary_cells["metrics"]
+    assert list(cells) == [
+        "Bleu_4", "METEOR", "CIDEr", "clip_score", "clip_score/out-domain", "retrieval_p_at_1", "recall_at_5",
+        "recall_at_10", "BERTScore",
+    ]  # fmt: skip
+    assert cells == {
+        "Bleu_4": ["0.346", "0–1"],
+        "METEOR": ["0.250", "0–1"],
+        "CIDEr": ["1.235", "0–10"],
+        "clip_score": ["0.700", "0–2.5"],
+        "clip_score/out-domain": ["0.650", "0–2.5"],
+        "retrieval_p_at_1": ["41.5", "%"],
+        "recall_at_5": ["70.2", "%"],
+        "recall_at_10": ["80.0", "%"],
+        "BERTScore": ["0.910", "0–1"],
+    }
     counts = parser.summary_rows["counts"]
     assert counts["images"] == str(len(rows))
     assert counts["group: in-domain"] == counts["group: out-domain"] == counts["group: near-domain"] == "1"

@@ -10,6 +10,7 @@ tests and the speed reference for benchmarks, never the production path.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,29 @@ class DecodingConfig:
                 f"DecodingConfig: num_return_sequences={self.num_return_sequences} needs num_beams ≥ it "
                 "or do_sample=true"
             )
+
+    def describe(self) -> str:
+        """``beam 5, up to 40 tokens, stop at EOS``, plus every other setting that is not the default."""
+        way = f"beam {self.num_beams}" if self.num_beams > 1 else "greedy"
+        if self.do_sample:
+            way = f"sampling (temperature {self.temperature}, top-k {self.top_k}, top-p {self.top_p})"
+        stops = "EOS or a '.'" if self.stop_at_period else "EOS"
+        text = f"{way}, up to {self.max_new_tokens} tokens, stop at {stops}"
+        shown = {
+            "num_beams",
+            "do_sample",
+            "temperature",
+            "top_k",
+            "top_p",
+            "max_new_tokens",
+            "stop_at_period",
+        }
+        others = [
+            f"{field.name}={getattr(self, field.name)}"
+            for field in dataclasses.fields(self)
+            if field.name not in shown and getattr(self, field.name) != field.default
+        ]
+        return text + (f" ({', '.join(others)})" if others else "")
 
     def stop_ids(self, lm: PrefixLM) -> list[int]:
         """The ids that end a caption under these settings (none with ``ignore_stops``)."""

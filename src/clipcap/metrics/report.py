@@ -44,6 +44,55 @@ THUMBNAIL_JPEG_QUALITY = 80
 good enough to recognise what a caption talks about."""
 
 
+METRIC_ORDER = (
+    "Bleu_1",
+    "Bleu_2",
+    "Bleu_3",
+    "Bleu_4",
+    "METEOR",
+    "ROUGE_L",
+    "CIDEr",
+    "SPICE",
+    "clip_score",
+    "ref_clip_score",
+    "ref_compare",
+    "retrieval_p_at_1",
+    "retrieval_p_at_1_random",
+)
+"""How corpus metrics are listed: the n-gram metrics as papers give them, then the CLIP-based ones; recall@K
+follows by K, a metric of one group (``clip_score/out-domain``) right after its corpus value, and any other
+name after these, alphabetically."""
+
+_SCALES = {"CIDEr": "0–10", "clip_score": "0–2.5", "ref_clip_score": "0–2.5"}
+
+
+def metric_sort_key(name: str) -> tuple[int, int, str]:
+    """Where ``name`` goes in the metrics table (see :data:`METRIC_ORDER`)."""
+    base, _, group = name.partition("/")
+    if base in METRIC_ORDER:
+        return METRIC_ORDER.index(base), 0, group
+    if base.startswith("recall_at_") and base.removeprefix("recall_at_").isdigit():
+        return len(METRIC_ORDER), int(base.removeprefix("recall_at_")), group
+    return len(METRIC_ORDER) + 1, 0, name
+
+
+def is_percentage(name: str) -> bool:
+    """Retrieval metrics are percentages; the others are fractions or scores."""
+    base = name.partition("/")[0]
+    return base.startswith("retrieval_p_at_1") or base.startswith("recall_at_")
+
+
+def metric_scale(name: str) -> str:
+    """The range a metric's values lie in, shown beside them: ``%``, ``0–1``, ``0–2.5`` or ``0–10``."""
+    base = name.partition("/")[0]
+    return "%" if is_percentage(name) else _SCALES.get(base, "0–1")
+
+
+def format_metric(name: str, value: float) -> str:
+    """A percentage with one decimal, anything else with three: the same precision in every row."""
+    return f"{value:.1f}" if is_percentage(name) else f"{value:.3f}"
+
+
 @dataclass
 class ReportRow:
     """One evaluated image: what the model said, what people said, and how it scored."""
@@ -68,10 +117,13 @@ def write_report(
     metrics: Mapping[str, float],
     title: str = "clipcap evaluation",
     thumbnail_size: int = 160,
+    about: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes a self-contained HTML report of an evaluation, atomically.
 
-    The page shows the corpus ``metrics`` (sorted by name) and counts, then one table row per entry of
+    The page shows what the evaluation is (``about``: checkpoint, config, split, decoding, date, clipcap
+    version, in the given order), the corpus ``metrics`` (in :data:`METRIC_ORDER`, each with its scale, a
+    percentage with one decimal and anything else with three) and counts, then one table row per entry of
     ``rows``, in the given order: a thumbnail, the image id and group, the generated caption, the
     references and the per-image scores. A score column's header (or the *sort by* menu) sorts the
     entries by that score, descending first, then ascending; entries without that score sort last either
@@ -91,6 +143,7 @@ def write_report(
         metrics: corpus-level metric name → value (e.g. ``CIDEr``, ``Bleu_4``).
         title: the page title and heading.
         thumbnail_size: the longest side of a thumbnail, in pixels (aspect ratio kept, never enlarged).
+        about: what was evaluated, label → text, shown first.
 
     Returns:
         The path of the written report.
@@ -105,7 +158,7 @@ def write_report(
         target = target / REPORT_FILENAME
     target.parent.mkdir(parents=True, exist_ok=True)
 
-    page = render_report(rows, metrics, title=title, thumbnail_size=thumbnail_size)
+    page = render_report(rows, metrics, title=title, thumbnail_size=thumbnail_size, about=about)
     # Ids taken from file names may hold lone surrogates (undecodable bytes); they must not fail the write.
     data = page.encode("utf-8", errors="replace")
     atomic_write_bytes(target, data)
@@ -118,6 +171,7 @@ def render_report(
     metrics: Mapping[str, float],
     title: str = "clipcap evaluation",
     thumbnail_size: int = 160,
+    about: Mapping[str, str] | None = None,
 ) -> str:
     """The HTML page :func:`write_report` writes (see there for the arguments)."""
     score_names = _score_names(rows)
@@ -139,6 +193,7 @@ def render_report(
         f"<style>\n{_CSS % {'size': thumbnail_size}}</style>\n",
         "</head>\n<body>\n",
         f"<h1>{escape(title)}</h1>\n",
+        _render_about(about or {}),
         '<section class="summary">\n',
         _render_metrics(metrics),
         _render_counts(rows, thumbnails.placeholders),
@@ -285,13 +340,28 @@ def _render_entry(
     )
 
 
+def _render_about(about: Mapping[str, str]) -> str:
+    if not about:
+        return ""
+    lines = ['<table class="about">\n<caption>what this evaluates</caption>\n<tbody>\n']
+    for label, text in about.items():
+        lines.append(
+            f'<tr><th scope="row">{html.escape(label)}</th><td><code>{html.escape(str(text))}</code></td></tr>\n'
+        )
+    lines.append("</tbody>\n</table>\n")
+    return "".join(lines)
+
+
 def _render_metrics(metrics: Mapping[str, float]) -> str:
     if not metrics:
         return '<p class="muted">No corpus metrics.</p>\n'
     lines = ['<table class="metrics">\n<caption>metrics</caption>\n<tbody>\n']
-    for name in sorted(metrics):
-        value = _format_number(float(metrics[name]))
-        lines.append(f'<tr><th scope="row">{html.escape(name)}</th><td>{html.escape(value)}</td></tr>\n')
+    for name in sorted(metrics, key=metric_sort_key):
+        value = format_metric(name, float(metrics[name]))
+        lines.append(
+            f'<tr><th scope="row">{html.escape(name)}</th><td>{html.escape(value)}</td>'
+            f'<td class="scale">{html.escape(metric_scale(name))}</td></tr>\n'
+        )
     lines.append("</tbody>\n</table>\n")
     return "".join(lines)
 
@@ -336,6 +406,11 @@ h1 { font-size: 1.5em; margin: 0 0 .6em; }
 .summary caption { text-align: left; font-weight: 600; padding-bottom: .2em; }
 .summary th, .summary td { padding: .15em .8em .15em 0; text-align: left; font-weight: normal; }
 .summary td { font-variant-numeric: tabular-nums; text-align: right; }
+.summary td.scale { color: #888; text-align: left; }
+table.about { border-collapse: collapse; margin-bottom: 1em; }
+.about caption { text-align: left; font-weight: 600; padding-bottom: .2em; }
+.about th { padding: .1em .8em .1em 0; text-align: left; font-weight: normal; color: #555; }
+.about td code { word-break: break-all; }
 .controls { display: flex; gap: 1.2em; flex-wrap: wrap; align-items: center; margin: .8em 0; }
 .controls[hidden] { display: none; }
 table.entries { border-collapse: collapse; width: 100%%; }

@@ -42,23 +42,6 @@ def checkpoint_test_decoding(checkpoint: dict[str, Any]) -> dict[str, Any] | Non
     return None
 
 
-def describe_decoding(decoding: DecodingConfig) -> str:
-    """``beam 5, up to 40 tokens, stop at EOS`` and any other setting that differs from the default."""
-    way = f"beam {decoding.num_beams}" if decoding.num_beams > 1 else "greedy"
-    if decoding.do_sample:
-        way = f"sampling (temperature {decoding.temperature}, top-k {decoding.top_k}, top-p {decoding.top_p})"
-    stops = "EOS or a '.'" if decoding.stop_at_period else "EOS"
-    text = f"{way}, up to {decoding.max_new_tokens} tokens, stop at {stops}"
-    shown = {"num_beams", "do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "stop_at_period"}
-    default = DecodingConfig()
-    others = [
-        f"{field.name}={getattr(decoding, field.name)}"
-        for field in dataclasses.fields(DecodingConfig)
-        if field.name not in shown and getattr(decoding, field.name) != getattr(default, field.name)
-    ]
-    return text + (f" ({', '.join(others)})" if others else "")
-
-
 def caption_images(
     checkpoint_path: str,
     images: list[str],
@@ -102,7 +85,7 @@ def caption_images(
     decoding = dataclasses.replace(base, **(decoding_overrides or {}))
     source = "the checkpoint's test decoding" if recorded is not None else "the checkpoint's model.decoding"
     changed = f", with {sorted(decoding_overrides)} from the command line" if decoding_overrides else ""
-    print(f"[clipcap caption] decoding: {describe_decoding(decoding)} ({source}{changed})", file=sys.stderr)
+    print(f"[clipcap caption] decoding: {decoding.describe()} ({source}{changed})", file=sys.stderr)
     encoder = load_image_encoder(clip_name).to(device)  # BLIP's vision encoder for a BLIP captioner
     if clip_score and not hasattr(encoder, "encode_text"):
         raise ValueError(

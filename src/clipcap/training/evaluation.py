@@ -9,6 +9,7 @@ results format), ``metrics.json`` and, at test time, ``report.html``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
+import clipcap
 from clipcap.data.batch import CaptionBatch
 from clipcap.features.cache import FeatureCache
 from clipcap.files import atomic_write_json
@@ -249,8 +252,9 @@ class CaptionEvaluation(pl.Callback):
         per_image = state.clip.per_image() if state.clip is not None else {}
         # trainer.log_dir is a collective under DDP: every rank must ask for it, not only the writer.
         folder = self.output_folder(trainer, stage)
+        log_dir = trainer.log_dir
         if trainer.is_global_zero:
-            self._write(trainer, folder, stage, state, captions, per_image)
+            self._write(trainer, folder, stage, state, captions, per_image, log_dir)
         state.nlg.reset()
         if state.clip is not None:
             state.clip.reset()
@@ -263,6 +267,7 @@ class CaptionEvaluation(pl.Callback):
         state: _StageState,
         captions: dict[int, str],
         per_image: dict[int, dict[str, float]],
+        log_dir: str | None,
     ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         predictions = [{"image_id": state.image_ids[i], "caption": captions[i]} for i in sorted(captions)]
@@ -292,9 +297,39 @@ class CaptionEvaluation(pl.Callback):
                 )
                 for i in sorted(captions)
             ]
-            written.append(write_report(folder / "report.html", rows, self.last_metrics))
+            about = self.describe_run(trainer, stage, len(rows), log_dir)
+            written.append(write_report(folder / "report.html", rows, self.last_metrics, about=about))
         self.written = written
         rank_zero_info(f"[evaluation] {stage}: wrote " + ", ".join(str(path) for path in written))
+
+    def describe_run(
+        self, trainer: pl.Trainer, stage: str, images: int, log_dir: str | None
+    ) -> dict[str, str]:
+        """What an evaluation's report shows first: checkpoint, config, split, decoding, date, version.
+        (``log_dir`` is passed in: ``trainer.log_dir`` is a collective under DDP, and this runs on rank 0.)"""
+        checkpoint = trainer.ckpt_path or (
+            f"the model being trained (epoch {trainer.current_epoch})"
+            if trainer.state.fn == "fit"
+            else "the model in memory"
+        )
+        datamodule = trainer.datamodule
+        about = {"checkpoint": str(checkpoint)}
+        for callback in trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback):
+                given = callback.config.get("config") or []
+                saved = Path(log_dir or trainer.default_root_dir) / callback.config_filename
+                about["config"] = ", ".join(str(path) for path in given) + (
+                    f" (as run: {saved})" if saved.is_file() else ""
+                )
+        about.update(
+            {
+                "split": f"{getattr(datamodule, 'dataset_name', type(datamodule).__name__)}/{stage}, {images} images",
+                "decoding": self.decoding[stage].describe(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "clipcap": clipcap.__version__,
+            }
+        )
+        return about
 
     def output_folder(self, trainer: pl.Trainer, stage: str) -> Path:
         """``output_dir`` or the run's log folder, then ``<stage>`` (``val/epoch=N`` at validation)."""
