@@ -110,4 +110,9 @@ def test_a_training_run_prints_progress_and_results_but_no_third_party_noise(
     output = finished.stdout + finished.stderr
     assert finished.returncode == 0, output[-3000:]
     assert "Epoch 0" in output and "Sample captions, epoch 0" in output and "train/loss" in output
+    # The run ends by saying where its files are.
+    run_folder = tmp_path / "lightning_logs" / "version_0"
+    assert f"[clipcap fit] run folder: {run_folder}" in output
+    assert f"[clipcap fit] best checkpoint: {run_folder / 'checkpoints' / 'best.ckpt'}" in output
+    assert f"[clipcap fit] last checkpoint: {run_folder / 'checkpoints' / 'last.ckpt'}" in output
     assert [noise for noise in NOISE if noise in output] == [], output[-3000:]

@@ -269,6 +269,23 @@ def test_coco_karpathy_summary_names_skipped_files_and_counts_dropped_captions(c
     assert all(row["source"].endswith(".jpg") for split in splits.values() for row in split["skipped"])
 
 
+def test_the_summary_records_what_the_readers_counted(corpora) -> None:
+    tsv = summary(corpora["conceptual_tsv"])["splits"]["train"]
+    assert tsv["annotations"] == {
+        "images_not_downloaded": 1,
+        "images_without_captions": 0,
+        "lines_with_invalid_utf8": 1,
+        "rows_with_several_image_files": 0,
+    }
+    assert [row["reason"] for row in tsv["skipped"]] == ["file not found"]  # the dead link, row 2
+    shards = summary(corpora["conceptual_shards"])["splits"]["train"]
+    assert shards["annotations"]["samples_without_image"] == 1 and shards["images"] == 2
+    assert summary(corpora["coco_karpathy"])["splits"]["train"]["annotations"] == {
+        "images_without_captions": 0,
+        "repeated_images": 0,
+    }
+
+
 def test_datamodule_serves_only_extracted_images(corpora) -> None:
     datamodule = build_datamodule(str(corpora["coco_karpathy"]), [])
     datamodule.setup("fit")

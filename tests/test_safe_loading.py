@@ -186,3 +186,32 @@ def test_the_traceback_is_shown_on_request(tiny_world: Path, tmp_path: Path) -> 
         last_line(finished.stderr)
         == f"clipcap test: --ckpt_path {tmp_path / 'no.ckpt'}: no such checkpoint file"
     )
+
+
+def test_a_read_only_features_dir_gives_one_line(
+    tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """As a user (not root, who may write anywhere), the folder is made read-only; as root, creating
+    anything inside it is made to fail as the kernel would for that user."""
+    from clipcap.cli import main
+
+    features_dir = tmp_path / "features"
+    features_dir.mkdir()
+    if os.geteuid() != 0:
+        features_dir.chmod(0o555)
+    else:
+        real_mkdir = Path.mkdir
+
+        def refused(self: Path, *args, **kwargs) -> None:
+            if features_dir in self.parents:
+                raise PermissionError(13, "Permission denied", str(self))
+            real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(SystemExit) as stopped:
+        main(["features", "--config", CE_CONFIG, "--splits", "val", "--no_progress",
+              f"--data.init_args.features_dir={features_dir}"])  # fmt: skip
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert last_line(err) == f"clipcap features: Permission denied: {features_dir / '.val.partial'}"

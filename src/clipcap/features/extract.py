@@ -381,11 +381,15 @@ def write_summary(
     root: str | os.PathLike[str],
     reports: Sequence[ExtractionReport],
     dropped_empty_captions: dict[str, int] | None = None,
+    annotation_notes: dict[str, dict[str, int]] | None = None,
 ) -> Path:
     """Records complete extractions in ``root/summary.json``, merging with the splits already there.
 
     Per split: ``dataset``, ``images``, ``extracted``, ``captions``, ``dropped_empty_captions`` (null when
-    not given), ``skipped_count``, ``skipped`` (id, source, reason), ``grid``. The summary describes the
+    not given), ``skipped_count``, ``skipped`` (id, source, reason), ``grid``, and ``annotations``: what
+    the corpus reader counted (``AnnotationSet.notes``: ``images_without_captions``,
+    ``repeated_images``, ``lines_with_invalid_utf8``, ``images_not_downloaded``, ...; see docs/data.md).
+    The summary describes the
     caches on disk, so reports with ``complete=False`` (a shard whose cache another process will
     assemble) are not recorded. The file is replaced atomically (temporary file + ``os.replace``) under a
     lock, so concurrent writers do not lose each other's splits.
@@ -394,6 +398,7 @@ def write_summary(
         root: the folder holding the split caches.
         reports: extraction reports.
         dropped_empty_captions: per split, captions the annotation reader dropped as empty.
+        annotation_notes: per split, the reader's other counts.
 
     Returns:
         The path of ``summary.json``.
@@ -402,6 +407,7 @@ def write_summary(
     root.mkdir(parents=True, exist_ok=True)
     path = root / SUMMARY_FILE
     dropped = dropped_empty_captions or {}
+    notes = annotation_notes or {}
     with _exclusive_lock(root / _SUMMARY_LOCK_FILE):
         summary: dict[str, Any] = {"splits": {}}
         if path.is_file():
@@ -424,6 +430,7 @@ def write_summary(
                 "skipped_count": len(report.skipped),
                 "skipped": list(report.skipped),
                 "grid": report.grid,
+                "annotations": dict(sorted(notes.get(report.split, {}).items())),
             }
         summary["splits"] = dict(sorted(summary["splits"].items()))
         atomic_write_json(path, summary, indent=2)

@@ -176,9 +176,11 @@ def _extract(args: argparse.Namespace, overrides: list[str], shard: tuple[int, i
     splits = args.splits.split(",") if args.splits else list(datamodule.splits_available)
     reports = {}
     dropped = {}
+    notes = {}
     for split in splits:
         annotations = datamodule.annotations(split)
         dropped[split] = annotations.dropped_empty_captions
+        notes[split] = annotations.notes
         with autocast:
             reports[split] = extract_entries(
                 encoder,
@@ -201,6 +203,11 @@ def _extract(args: argparse.Namespace, overrides: list[str], shard: tuple[int, i
             f"{len(report.skipped)} skipped, {report.seconds:.1f}s"
             + ("" if report.complete else " (this shard's part; the cache is assembled by the last shard)")
         )
-    summary = write_summary(datamodule.features_dir, list(reports.values()), dropped_empty_captions=dropped)
+    summary = write_summary(
+        datamodule.features_dir,
+        list(reports.values()),
+        dropped_empty_captions=dropped,
+        annotation_notes=notes,
+    )
     print(f"[features] summary: {summary}")
     return reports
