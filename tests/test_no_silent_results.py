@@ -102,3 +102,12 @@ def test_an_epoch_with_some_skipped_steps_goes_on(
     )  # fmt: skip
     assert cli.trainer.state.finished and int(cli.model.skipped_steps) == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_a_training_split_with_nothing_to_train_on_stops_the_run(tiny_world: Path, tmp_path: Path) -> None:
+    """Lightning skips a fit whose training loader is empty and exits 0 with an untrained model."""
+    with pytest.raises(ValueError, match=r"synthetic/train: no \(image, reference\) pairs to train on"):
+        lightning_cli(
+            ["fit", "--config", CE_CONFIG, "--data.init_args.labelled_images=0", "--trainer.max_epochs=1",
+             "--trainer.default_root_dir", str(tmp_path), *QUIET]
+        )  # fmt: skip

@@ -333,6 +333,14 @@ class CaptionDataModule(pl.LightningDataModule):
         needs_captions = getattr(getattr(module, "objective", None), "needs_captions", True)
         images_only = self.unlabelled or not needs_captions
         dataset = CaptionImages(train) if images_only else CaptionPairs(train)
+        if not len(dataset):
+            # Lightning would skip the fit and exit 0 with an untrained model.
+            what = "images" if images_only else "(image, reference) pairs"
+            raise ValueError(
+                f"{self.dataset_name}/train: no {what} to train on ({len(train.images)} images served from "
+                f"{self.feature_folder('train')}); check the annotation file, the feature cache and "
+                "labelled_images"
+            )
         loader = self._loader(dataset, self.batch_size, shuffle=True)
         if not self.anchor_batch_size:
             return loader
