@@ -641,7 +641,9 @@ def test_summary_merges_splits(encoder: ClipEncoder, good_entries: list[ImageEnt
     train = extract_entries(
         encoder, [*good_entries[:4], bad[0]], root / "train", "toy", "train", batch_size=2, progress=False
     )
-    path = write_summary(root, [train], dropped_empty_captions={"train": 3})
+    path = write_summary(
+        root, [train], dropped_empty_captions={"train": 3}, annotation_notes={"train": {"repeated_images": 2}}
+    )
     assert path == root / "summary.json"
     val_entries = [ImageEntry(e.image_id, e.image, e.references, "val") for e in good_entries[4:]]
     val = extract_entries(encoder, val_entries, root / "val", "toy", "val", batch_size=2, progress=False)
@@ -661,7 +663,9 @@ def test_summary_merges_splits(encoder: ClipEncoder, good_entries: list[ImageEnt
         "skipped_count": 1,
         "skipped": [{"image_id": "missing", "source": bad[0].image, "reason": "file not found"}],
         "grid": False,
+        "annotations": {"repeated_images": 2},
     }
+    assert summary["splits"]["val"]["annotations"] == {}
     assert (
         summary["splits"]["val"]["extracted"] == 3 and summary["splits"]["val"]["dropped_empty_captions"] == 0
     )
