@@ -95,10 +95,13 @@ def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint", mmap
 
 
 def _unreadable(path: Path, what: str, error: BaseException) -> str:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else "the file ends early"
+    # torch's messages run on for several sentences of advice; the first says what is wrong.
+    detail = (
+        str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else "the file ends early"
+    )
     return (
         f"{what} {path}: not a readable checkpoint (truncated, corrupt, or not written by torch.save; "
-        f"{path.stat().st_size} bytes): {type(error).__name__}: {detail[:200]}"
+        f"{path.stat().st_size} bytes): {detail[:200]}"
     )
 
 

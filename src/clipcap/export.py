@@ -52,22 +52,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merged: bool = Fa
 
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"clipcap export: {out} exists; choose a new folder")
-    saved = read_checkpoint(checkpoint, "clipcap export --ckpt")
+        raise FileExistsError(f"--out {out} exists; choose a new folder")
+    saved = read_checkpoint(checkpoint, "--ckpt")
     config = saved.get("hyper_parameters", {}).get("captioner")
     if not isinstance(config, dict) or "class_path" not in config:
-        raise ValueError(
-            f"clipcap export: {checkpoint} holds no captioner config (it was not written by `clipcap fit`)"
-        )
+        raise ValueError(f"{checkpoint} holds no captioner config (it was not written by `clipcap fit`)")
     module = CaptionModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     captioner = module.captioner
     if not isinstance(captioner, ClipCaptioner):
-        raise ValueError(
-            f"clipcap export: only ClipCaptioner exports, {checkpoint} has {type(captioner).__name__}"
-        )
+        raise ValueError(f"only ClipCaptioner exports, {checkpoint} has {type(captioner).__name__}")
     lm = captioner.lm
     if merged and lm.lora is None:
-        raise ValueError(f"clipcap export --merged: the LM in {checkpoint} has no LoRA adapters to merge")
+        raise ValueError(f"--merged: the LM in {checkpoint} has no LoRA adapters to merge")
     with staged_folder(out) as staging:
         save_file(
             {k: v.contiguous() for k, v in captioner.mapper.state_dict().items()}, staging / MAPPER_FILE

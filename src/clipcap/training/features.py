@@ -51,10 +51,10 @@ def build_datamodule(config_file: str, overrides: list[str]) -> CaptionDataModul
 
     path = Path(config_file)
     if not path.is_file():
-        raise FileNotFoundError(f"clipcap features: config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} does not exist")
     loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(loaded, dict) or loaded.get("data") is None:
-        raise ValueError(f"clipcap features: {path} has no `data:` section")
+        raise ValueError(f"{path} has no `data:` section")
     parser = ArgumentParser(prog="clipcap features", exit_on_error=False)
     parser.add_subclass_arguments(CaptionDataModule, "data", required=True)
     config = parser.parse_args(["--data", json.dumps(loaded["data"]), *overrides])
