@@ -25,6 +25,8 @@ from clipcap.objectives.rewards import (
     cosine_reward,
     discriminative_reward,
     discriminative_reward_with_negatives,
+    egg_caption_log_probs,
+    egg_row_lengths,
     hard_negative_indices,
     reinforce_loss,
 )
@@ -124,6 +126,118 @@ def test_caption_log_probs_exclude_the_stop_and_divide_by_length() -> None:
     values = caption_log_probs(logits, tokens, lengths)
     torch.testing.assert_close(values[0], torch.tensor((math.log(0.5) + math.log(0.8)) / 2))
     torch.testing.assert_close(values[1], torch.tensor(math.log(0.25)))  # the stop token's own
+
+
+def egg_reference_loss(
+    captioner, features: torch.Tensor, caption_ids: list[list[int]], max_new_tokens: int, text_embeds, scale
+) -> torch.Tensor:
+    """The loss of one DiscriTune step as EGG's emergent_captioner computes it (written from
+    ``ClipCapModel.forward``, ``discriminative_loss`` and ``ReinforceCaptionGame.forward``, first batch: the
+    mean baseline is 0). ``generate`` returns each caption followed by EOS while there is room, the rows
+    padded with EOS (GPT-2's pad id there) to the longest; one unmasked teacher-forced pass scores them."""
+    eos = captioner.lm.eos_token_id
+    rows = [ids + [eos] if len(ids) < max_new_tokens else list(ids) for ids in caption_ids]
+    width = max(len(row) for row in rows)
+    indices = torch.tensor([row + [eos] * (width - len(row)) for row in rows])
+    prompts = captioner.prefix(features)
+    suffix = captioner.lm.model.get_input_embeddings()(indices)
+    logits = captioner.lm.model(inputs_embeds=torch.cat([prompts, suffix], dim=1)).logits
+    log_softmax = logits[:, prompts.shape[1] - 1 : -1].float().log_softmax(-1)
+    extra_tokens = (indices == eos).cumsum(dim=1) > 0
+    msg_lengths = (width - extra_tokens.sum(dim=1) + 1).clamp(max=width)
+    token_log_probs = log_softmax.gather(2, indices[:, :, None]).squeeze(2) * (~extra_tokens).float()
+    log_probs = token_log_probs.sum(1) / msg_lengths
+    receiver_output = (
+        scale
+        * torch.nn.functional.normalize(text_embeds, dim=-1)
+        @ torch.nn.functional.normalize(features, dim=-1).T
+    )
+    loss = torch.nn.functional.cross_entropy(receiver_output, torch.arange(len(rows)), reduction="none")
+    baseline = 0.0
+    return ((loss.detach() - baseline) * log_probs).mean()
+
+
+def test_the_faithful_loss_and_gradient_are_eggs(world_batch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On constructed captions: stopped by ".", stopped at once by EOS, cut by the length cap, ended by EOS,
+    a lone "." -- the loss and every gradient equal EGG's computation."""
+    datamodule, batch = world_batch
+    torch.manual_seed(0)
+    captioner = tiny_captioner(datamodule.clip_dim, trainable=True).eval()  # no dropout: one network
+    period = captioner.lm.period_token_ids[0]
+    words = [t for t in range(100, 400) if t not in captioner.lm.period_token_ids][:6]
+    a, b, c, d, e, f = words
+    captions = [[a, b, period], [], [a, b, c, d, e, f], [a, b], [period], [c], [d, e, f, period], [b, a]]
+    monkeypatch.setattr(captioner, "generate_ids", lambda features, rollout, keep_mode=False: captions)
+    objective = DiscriTune(rollout=DecodingConfig(max_new_tokens=6, stop_at_period=True))
+    objective.setup(datamodule)
+    output = objective(captioner, batch)
+    output.loss.backward()
+    ours = {name: p.grad.clone() for name, p in captioner.named_parameters() if p.grad is not None}
+    captioner.zero_grad()
+
+    texts = DiscriTune._texts(captioner, captions)
+    with torch.no_grad():
+        text_embeds = objective.receiver.encode_text(texts)
+    expected = egg_reference_loss(
+        captioner, batch.clip_features, captions, 6, text_embeds, objective.receiver.logit_scale
+    )
+    expected.backward()
+    torch.testing.assert_close(output.loss, expected, rtol=1e-6, atol=1e-7)
+    theirs = {name: p.grad for name, p in captioner.named_parameters() if p.grad is not None}
+    assert ours.keys() == theirs.keys() and len(ours) > 2
+    for name, gradient in ours.items():
+        torch.testing.assert_close(gradient, theirs[name], rtol=1e-5, atol=1e-8, msg=name)
+    # The "mean" normalisation is another objective: a different loss on the same captions.
+    mean = DiscriTune(rollout=objective.rollout, log_prob_normalisation="mean")
+    mean.setup(datamodule)
+    assert not torch.allclose(mean(captioner, batch).loss, expected)
+
+
+def test_egg_log_probs_by_hand() -> None:
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]] * 3))
+    tokens = torch.tensor([[0, 1, 2], [2, 0, 0], [1, 1, 1]])
+    lengths = torch.tensor([2, 0, 3])  # stopped after 2 tokens; stopped at once; cut by a cap of 3
+    rows = egg_row_lengths(lengths, torch.tensor([True, True, False]), max_new_tokens=3)
+    assert rows.tolist() == [3, 1, 3]  # an EOS follows the stopped ones; T = 3
+    values = egg_caption_log_probs(logits, tokens, lengths, rows)
+    torch.testing.assert_close(values[0], torch.tensor((math.log(0.5) + math.log(0.8)) / 3))  # min(2+1, 3)
+    assert values[1] == 0.0  # no token before its EOS: log π = 0
+    torch.testing.assert_close(values[2], torch.tensor((math.log(0.25) + math.log(0.8) + math.log(0.2)) / 3))
+    # A shorter batch: T = 2 caps the first caption's divisor at 2.
+    short = egg_caption_log_probs(logits, tokens, lengths, torch.tensor([2, 1, 2]))
+    torch.testing.assert_close(short[0], torch.tensor((math.log(0.5) + math.log(0.8)) / 2))
+
+
+def test_training_captions_are_decoded_with_dropout_on(world_batch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EGG's sender decodes in the LM's training mode; rollout_dropout=False decodes in eval mode."""
+    datamodule, batch = world_batch
+    captioner = tiny_captioner(datamodule.clip_dim, trainable=True).train()
+    modes: list[bool] = []
+    original = type(captioner).generate_ids
+
+    def spy(self, features, rollout=None, keep_mode=False):
+        ids = original(self, features, rollout, keep_mode=keep_mode)
+        modes.append(self.lm.model.training if keep_mode else False)
+        return ids
+
+    monkeypatch.setattr(type(captioner), "generate_ids", spy)
+    for dropout in (True, False):
+        objective = DiscriTune(
+            rollout=DecodingConfig(max_new_tokens=6, stop_at_period=True), rollout_dropout=dropout
+        )
+        objective.setup(datamodule)
+        objective(captioner, batch)
+    assert modes == [True, False]
+    assert captioner.training  # the module's mode is left as it was
+    for module in captioner.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    torch.manual_seed(0)
+    with_dropout = [
+        original(captioner, batch.clip_features, DecodingConfig(max_new_tokens=8), keep_mode=True)
+        for _ in range(2)
+    ]
+    assert with_dropout[0] != with_dropout[1]  # dropout is on while decoding: two rollouts differ
 
 
 @pytest.mark.parametrize("advantage", [1.0, -1.0])
@@ -332,7 +446,7 @@ def test_a_receiver_clip_other_than_the_features_clip(world_batch, other_receive
     datamodule, batch = world_batch
     clip_dir, features_dir = other_receiver
     torch.manual_seed(0)
-    captioner = tiny_captioner(datamodule.clip_dim)
+    captioner = tiny_captioner(datamodule.clip_dim).eval()  # eval: the rollout and the check decode alike
     objective = DiscriTune(receiver_clip=clip_dir, receiver_features_dir=features_dir, hard_negatives=2)
     objective.setup(datamodule)
     receiver = objective.receiver

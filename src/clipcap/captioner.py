@@ -115,7 +115,7 @@ class Captioner(nn.Module, ABC):
 
     @abstractmethod
     def generate_ids(
-        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None
+        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None, keep_mode: bool = False
     ) -> list[list[int]]:
         """Decodes caption token ids, B·R lists (image-major), each cut after its stop
         (:func:`clipcap.generation.cut_at_stop`): EOS is dropped, a "." stop is kept."""
@@ -202,16 +202,19 @@ class ClipCaptioner(Captioner):
 
     @torch.no_grad()
     def generate_ids(
-        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None
+        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None, keep_mode: bool = False
     ) -> list[list[int]]:
         """Decodes caption token ids, B·R lists (image-major), each cut after its stop.
 
-        EOS is dropped; a "." stop (``stop_at_period``) is kept as caption text.
+        EOS is dropped; a "." stop (``stop_at_period``) is kept as caption text. Decoding runs in eval mode,
+        or with ``keep_mode`` in the current one (dropout on in training: how EGG decodes DiscriTune's
+        training captions).
         """
         decoding = decoding or DecodingConfig()
         prefix = self.prefix(clip_features)
         was_training = self.training
-        self.eval()
+        if not keep_mode:
+            self.eval()
         try:
             generated, stops = self._generate(self.lm.model.generate, prefix, decoding)
         finally:
@@ -223,8 +226,8 @@ class ClipCaptioner(Captioner):
     ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
         """Decodes as :meth:`generate_ids` does, but in the current mode (dropout on in training) and with
         gradients, keeping each step's logits: a REINFORCE objective reads log π of the captions from the
-        pass that chose them instead of running them through the LM again (what the sender in EGG's
-        ``emergent_captioner`` does, with ``generate`` undecorated).
+        pass that chose them instead of running them through the LM again (an option of clipcap's: EGG's
+        ``emergent_captioner`` decodes without gradients, then runs the teacher-forced pass).
 
         Returns:
             The B·R caption id lists (cut after their stops, as ``generate_ids``), the (B·R, T) generated

@@ -257,17 +257,19 @@ class BlipCaptioner(Captioner):
 
     @torch.no_grad()
     def generate_ids(
-        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None
+        self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None, keep_mode: bool = False
     ) -> list[list[int]]:
         """Decodes caption ids with ``generate`` (greedy, beam search or sampling, KV-cached), B·R lists
         (image-major), each cut after its stop: ``[SEP]`` dropped, a "." stop kept; the start and the prompt
-        are not part of them."""
+        are not part of them. In eval mode, or with ``keep_mode`` in the current one (dropout on in
+        training)."""
         decoding = decoding or DecodingConfig()
         states = self.image_states(clip_features)
         start = self.start_ids.repeat(states.shape[0], 1)
         stops = decoding.stop_ids(self.lm)
         was_training = self.training
-        self.eval()
+        if not keep_mode:
+            self.eval()
         try:
             generated = self.lm.model.generate(
                 input_ids=start,

@@ -1,9 +1,11 @@
 """DiscriTune (Dessì et al., CVPR 2023): REINFORCE with a frozen CLIP retriever's reward.
 
-Each step captions the batch's images (greedy by default), lets the frozen CLIP score every caption
-against every image of the batch, and rewards a caption with the log-probability that CLIP picks its own
-image. The loss is ``(−R − b) · log π(c)`` per caption, ``b`` the cumulative mean of past batch-mean
-losses, ``log π`` the caption's token log-probability up to and excluding the stop, divided by its length.
+Each step captions the batch's images (greedy by default, decoded without gradients with the LM in
+training mode, dropout on, as EGG's sender does), lets the frozen CLIP score every caption against every
+image of the batch, and rewards a caption with the log-probability that CLIP picks its own image. The loss is
+``(−R − b) · log π(c)`` per caption, ``b`` the cumulative mean of past batch-mean losses, ``log π`` computed
+by a teacher-forced pass as EGG computes it: the caption's token log-probabilities before the EOS (a "."
+that stopped it included) summed and divided by ``min(n + 1, T)``, T the batch's padded row length.
 
 Legend for shapes: B images (and captions) in the batch, D CLIP embedding size, T caption tokens.
 """
@@ -29,6 +31,8 @@ from clipcap.objectives.rewards import (
     cosine_reward,
     discriminative_reward,
     discriminative_reward_with_negatives,
+    egg_caption_log_probs,
+    egg_row_lengths,
     full_precision,
     hard_negative_indices,
     reinforce_loss,
@@ -36,18 +40,23 @@ from clipcap.objectives.rewards import (
 
 logger = logging.getLogger(__name__)
 
+LOG_PROB_NORMALISATIONS = ("egg", "mean")
+
 
 class DiscriTune(Objective):
     """REINFORCE with a frozen CLIP retriever: captions are rewarded for picking out their image.
 
-    The faithful settings are the defaults: greedy rollout, stop at EOS or after the first token holding
-    ".", the discriminative reward among the in-batch images, the cumulative-mean baseline. The receiver
+    The faithful settings are the defaults, as EGG's ``emergent_captioner`` computes them (docs/fidelity.md
+    lists every deviation): greedy rollout decoded with dropout on, 30 caption tokens, stop at EOS or after
+    the first token holding ".", the discriminative reward among the in-batch images, the cumulative-mean
+    baseline, EGG's normalisation of log π. The receiver
     is the CLIP the data's features come from (``data.init_args.clip_model``), so the batch's cached
     features are its image embeddings, unless ``receiver_clip`` names another CLIP with its own caches.
 
     Args:
-        rollout: how training captions are decoded (greedy, 20 new tokens, stop after "." by default;
-            ``do_sample: true`` samples instead).
+        rollout: how training captions are decoded (greedy, 30 new tokens, stop after "." by default;
+            ``do_sample: true`` samples instead). ``max_new_tokens`` counts caption tokens only: EGG's
+            ``max_len`` counts the 10 prefix positions too, so its sweeps' ``max_len 40`` is 30 here.
         baseline: the baseline of the loss −R: ``CumulativeMeanBaseline`` (the paper's, default),
             ``MovingAverageBaseline``, ``SelfCriticalBaseline`` (the greedy caption's loss) or
             ``LeaveOneOutBaseline(samples=k)`` (k sampled captions per image); the last two need
@@ -74,14 +83,22 @@ class DiscriTune(Objective):
             the training split's cached features, on top of the in-batch ones (0 is off, the paper's).
         duplicate_threshold: neighbours at least this cosine-similar to the image are near-duplicates and
             never used as distractors; the image itself and the rest of the batch never are either.
-        log_probs_from_rollout: take log π from the rollout itself, decoded with gradients in training mode
-            (as the sender in EGG's emergent_captioner does), instead of a second, teacher-forced pass
-            over the captions (the default). It saves that forward pass, but backward runs through the
+        log_probs_from_rollout: take log π from the rollout itself, decoded with gradients in training mode,
+            instead of a second, teacher-forced pass over the captions (the default, and what EGG's sender
+            does: it decodes without gradients, then scores the captions teacher-forced). It saves that forward pass, but backward runs through the
             rollout step by step and keeps every step's KV cache, O(L²) in the caption length instead of
             O(L): on CPU a GPT-2-small step was slower at batch 32 and no faster at 100
             (docs/benchmarks.md). The greedy tokens are chosen with dropout on. Without dropout log π and
             its gradient are the teacher-forced ones. A ``ClipCaptioner`` without gradient checkpointing
-            only.
+            only; the rollout is then always in the current mode, whatever ``rollout_dropout`` says.
+        log_prob_normalisation: ``egg`` (faithful): log π is the sum of the caption's token
+            log-probabilities before the EOS divided by ``min(n + 1, T)``, T the batch's padded row length,
+            and a caption that stopped at once has log π = 0; ``mean``: the mean over the caption's n tokens,
+            a caption that stopped at once scored on its stop token (clipcap's earlier choice: each caption
+            weighted alike whatever the batch's longest, and an empty caption still pushed down or up).
+        rollout_dropout: decode the training captions with the LM in training mode, dropout on (True, as
+            EGG's sender does: its greedy captions are not the eval-mode ones); False decodes them in eval
+            mode. The teacher-forced pass runs in training mode either way.
     """
 
     needs_captions = False
@@ -98,9 +115,18 @@ class DiscriTune(Objective):
         hard_negatives: int = 0,
         duplicate_threshold: float = 0.95,
         log_probs_from_rollout: bool = False,
+        log_prob_normalisation: str = "egg",
+        rollout_dropout: bool = True,
     ) -> None:
         super().__init__()
-        self.rollout = rollout or DecodingConfig(max_new_tokens=20, stop_at_period=True)
+        self.rollout = rollout or DecodingConfig(max_new_tokens=30, stop_at_period=True)
+        if log_prob_normalisation not in LOG_PROB_NORMALISATIONS:
+            raise ValueError(
+                f"DiscriTune: log_prob_normalisation must be one of {LOG_PROB_NORMALISATIONS}, got "
+                f"{log_prob_normalisation!r}"
+            )
+        self.log_prob_normalisation = log_prob_normalisation
+        self.rollout_dropout = rollout_dropout
         if self.rollout.num_return_sequences != 1:
             raise ValueError(
                 "DiscriTune: rollout.num_return_sequences must be 1; several captions per image come from "
@@ -260,7 +286,7 @@ class DiscriTune(Objective):
                 )
             caption_ids, rollout_ids, rollout_logits = captioner.rollout_with_logits(features, rollout)
         else:
-            caption_ids = captioner.generate_ids(features, rollout)
+            caption_ids = captioner.generate_ids(features, rollout, keep_mode=self.rollout_dropout)
         texts = self._texts(captioner, caption_ids)
 
         reference_texts = None
@@ -297,14 +323,17 @@ class DiscriTune(Objective):
         # (position t of both predicts caption token t; both count the tokens before the stop).
         tokens, lengths = self._caption_tokens(captioner, caption_ids)
         if self.log_probs_from_rollout:
-            log_probs = caption_log_probs(rollout_logits, rollout_ids, lengths)
+            logits, token_ids = rollout_logits, rollout_ids
         else:
             logits = captioner(features.repeat_interleave(k, dim=0) if k > 1 else features, tokens).logits
-            log_probs = caption_log_probs(logits, tokens.input_ids, lengths)
+            token_ids = tokens.input_ids
+        stopped = self._stopped(captioner, caption_ids, rollout)
+        log_probs = self._log_probs(logits, token_ids, lengths, stopped, rollout.max_new_tokens)
         terms: dict[str, torch.Tensor] = {}
         if self.kl_coefficient > 0:
             with torch.no_grad():
-                kl = log_probs.detach() - self._unprefixed_log_probs(captioner, tokens, lengths)
+                reference_log_probs = self._unprefixed_log_probs(captioner, tokens, lengths, stopped, rollout)
+                kl = log_probs.detach() - reference_log_probs
             rewards = rewards - self.kl_coefficient * kl
             terms["kl"] = kl.mean()
 
@@ -337,8 +366,38 @@ class DiscriTune(Objective):
             },
         )
 
+    def _log_probs(
+        self,
+        logits: torch.Tensor,
+        token_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        stopped: torch.Tensor,
+        max_new_tokens: int,
+    ) -> torch.Tensor:
+        """(B,) log π under ``log_prob_normalisation`` from (B, T, V) logits predicting (B, T) tokens."""
+        if self.log_prob_normalisation == "mean":
+            return caption_log_probs(logits, token_ids, lengths)
+        return egg_caption_log_probs(
+            logits, token_ids, lengths, egg_row_lengths(lengths, stopped, max_new_tokens)
+        )
+
+    @staticmethod
+    def _stopped(captioner: Captioner, caption_ids: list[list[int]], rollout: DecodingConfig) -> torch.Tensor:
+        """(B,) whether each caption ended at a stop (EOS, or a "." token kept as its last token) rather
+        than at the length cap: only then does EGG's generate write an EOS after it."""
+        stops = set(rollout.stop_ids(captioner.lm))
+        return torch.tensor(
+            [len(ids) < rollout.max_new_tokens or (bool(ids) and ids[-1] in stops) for ids in caption_ids],
+            device=captioner.device,
+        )
+
     def _unprefixed_log_probs(
-        self, captioner: Captioner, tokens: CaptionTokens, lengths: torch.Tensor
+        self,
+        captioner: Captioner,
+        tokens: CaptionTokens,
+        lengths: torch.Tensor,
+        stopped: torch.Tensor,
+        rollout: DecodingConfig,
     ) -> torch.Tensor:
         """log p_LM of each caption (same tokens and normalisation as log π) under the frozen LM, given
         only a start token instead of the image prefix."""
@@ -350,7 +409,8 @@ class DiscriTune(Objective):
             [tokens.attention_mask.new_ones((batch, 1)), tokens.attention_mask[:, :-1]], 1
         )
         embeds = reference.embed(input_ids).to(reference.dtype)
-        return caption_log_probs(reference(embeds, attention_mask), tokens.input_ids, lengths)
+        logits = reference(embeds, attention_mask)
+        return self._log_probs(logits, tokens.input_ids, lengths, stopped, rollout.max_new_tokens)
 
     def _hard_negatives(self, features: torch.Tensor, image_ids: list[str]) -> torch.Tensor | None:
         """(B, H, D) each image's hard distractors from the training bank, or None when off."""

@@ -67,7 +67,8 @@ def cosine_reward(
 
 
 def caption_log_probs(logits: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Length-normalised log-probability of each caption, the stop excluded (DiscriTune's log π).
+    """Mean token log-probability of each caption, the stop excluded (``DiscriTune(log_prob_normalisation=
+    "mean")``; EGG's own normalisation is :func:`egg_caption_log_probs`).
 
     Args:
         logits: (B, T, V) next-token logits; ``logits[:, t]`` predicts ``token_ids[:, t]``.
@@ -85,6 +86,47 @@ def caption_log_probs(logits: torch.Tensor, token_ids: torch.Tensor, lengths: to
     counted = torch.where(empty[:, None], positions == 0, positions < lengths[:, None])
     total = (token_log_probs * counted).sum(1)
     return total / counted.sum(1).clamp(min=1)
+
+
+def egg_row_lengths(lengths: torch.Tensor, stopped: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """How long each caption's row of generated ids is in EGG's sender, whose ``generate`` writes an EOS
+    after the caption whenever there is room (its logits processor forces one after a "." token).
+
+    Args:
+        lengths: (B,) caption tokens before the stop (a "." that stopped the caption included, EOS not).
+        stopped: (B,) the caption ended at a stop rather than at the length cap.
+        max_new_tokens: the rollout's length cap in caption tokens.
+
+    Returns:
+        (B,) ``min(n + 1, max_new_tokens)`` for a stopped caption, ``n`` for one cut by the cap.
+    """
+    return torch.where(stopped, (lengths + 1).clamp(max=max_new_tokens), lengths)
+
+
+def egg_caption_log_probs(
+    logits: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor, row_lengths: torch.Tensor
+) -> torch.Tensor:
+    """log π as EGG's ``ClipCapModel.forward`` computes it (DiscriTune's own code, faithful mode).
+
+    The log-probabilities of the ``n`` tokens before the first EOS are summed and divided by
+    ``min(n + 1, T)``, ``T`` the batch's padded row length (the longest row of generated ids, its EOS
+    included; see :func:`egg_row_lengths`). A caption that stopped at once (``n = 0``) has log π = 0 and no
+    gradient, as there.
+
+    Args:
+        logits: (B, T', V) next-token logits; ``logits[:, t]`` predicts ``token_ids[:, t]``.
+        token_ids: (B, T') the caption tokens.
+        lengths: (B,) caption tokens before the stop (``n``).
+        row_lengths: (B,) each caption's generated row length (``n + 1`` with an EOS, else ``n``).
+
+    Returns:
+        (B,) float32 log π.
+    """
+    token_log_probs = logits.float().log_softmax(-1).gather(2, token_ids[:, :, None]).squeeze(2)
+    positions = torch.arange(token_ids.shape[1], device=token_ids.device)[None, :]
+    total = (token_log_probs * (positions < lengths[:, None])).sum(1)
+    padded_length = row_lengths.max().clamp(min=1)
+    return total / torch.minimum(lengths + 1, padded_length)
 
 
 def reinforce_loss(rewards: torch.Tensor, baseline: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
