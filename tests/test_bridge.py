@@ -202,6 +202,32 @@ def test_sentencepiece_word_starts(llama_style: bool) -> None:
         assert bridge.token_bytes(vocab["<0xF0>"]) == b"\xf0" and bridge.clip_ids(vocab["<0xF0>"]) == []
 
 
+def test_byte_fallback_runs_decode_as_the_tokenizer_decodes_them(
+    llama_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    """A run of <0xNN> tokens that is not valid UTF-8 becomes one U+FFFD per byte in the tokenizer's
+    decode (tokenizers' ByteFallback), not one per invalid stretch as a plain UTF-8 decode gives."""
+    bridge = VocabularyBridge.build(llama_tokenizer)
+    vocab = llama_tokenizer.get_vocab()
+    example = [vocab[token] for token in ["▁a", "<0xE2>", "<0x82>", "a"]]
+    expected = llama_tokenizer.decode(example, skip_special_tokens=True).strip()
+    assert expected == "a\ufffd\ufffda"
+    assert bridge.decode(example) == expected
+    text, owners = bridge_module._decode_with_owners(bridge, example)
+    assert owners == [[0], [0], [1], [2], [3]]  # " a" from token 0, one U+FFFD per byte, "a"
+    # Random captions mixing words, valid and invalid byte runs and special tokens.
+    rng = np.random.default_rng(0)
+    words = [vocab[token] for token in vocab if token.startswith("▁") or token.isalpha()][:40]
+    bytes_ = [
+        vocab[f"<0x{byte:02X}>"] for byte in (0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0x98, 0x80, 0x7A)
+    ]
+    special = [llama_tokenizer.bos_token_id, llama_tokenizer.eos_token_id]
+    for _ in range(300):
+        pool = rng.choice(3, size=int(rng.integers(1, 12)), p=[0.4, 0.5, 0.1])
+        ids = [int(rng.choice([words, bytes_, special][kind])) for kind in pool]
+        assert bridge.decode(ids) == llama_tokenizer.decode(ids, skip_special_tokens=True).strip(), ids
+
+
 # ------------------------------------------------------------------------------------------ the soft path
 
 

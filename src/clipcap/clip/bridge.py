@@ -49,7 +49,7 @@ from clipcap.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-BRIDGE_FORMAT_VERSION = 1
+BRIDGE_FORMAT_VERSION = 2  # 2: is_byte_token, for byte-fallback runs decoded as the tokenizer does
 """Bumped whenever the rules that build a bridge change, so stale cache files are never read."""
 
 BYTE_LEVEL = "byte_level"
@@ -199,7 +199,10 @@ class VocabularyBridge:
 
     * **Text.** Byte-level (GPT-2) token strings are mapped back to bytes (``Ġ`` is a space); SentencePiece
       ``▁`` is a space and ``<0xNN>`` byte-fallback tokens are that byte; other token strings are their own
-      text. Special tokens (EOS, BOS, pad, added special tokens) have no text and map to nothing.
+      text. Special tokens (EOS, BOS, pad, added special tokens) have no text and map to nothing. A caption's
+      text is what the tokenizer's ``decode`` gives: byte-level bytes are decoded together, invalid UTF-8
+      replaced by one U+FFFD per invalid stretch; a run of consecutive byte-fallback tokens is decoded as a
+      whole, and when it is not valid UTF-8 each of its bytes becomes one U+FFFD (tokenizers' ByteFallback).
     * **Word start.** A token starts a new word when its text starts with whitespace (``Ġ``/``▁``).
     * **CLIP ids.** The token's text, cleaned as CLIP cleans captions (:func:`clean_caption_text`: leading
       space stripped, lower-cased) and tokenized as a standalone word, so the last piece carries ``</w>``:
@@ -220,11 +223,20 @@ class VocabularyBridge:
         byte_offsets: (V + 1,) int64, token v's bytes are ``token_bytes[byte_offsets[v]:byte_offsets[v+1]]``.
         is_special: (V,) bool.
         starts_word: (V,) bool.
+        is_byte_token: (V,) bool, the SentencePiece byte-fallback tokens ``<0xNN>``.
         clip_ids: (sum of CLIP id counts,) int64, every token's CLIP ids back to back.
         clip_offsets: (V + 1,) int64, as ``byte_offsets`` for ``clip_ids``.
     """
 
-    _ARRAYS = ("token_bytes", "byte_offsets", "is_special", "starts_word", "clip_ids", "clip_offsets")
+    _ARRAYS = (
+        "token_bytes",
+        "byte_offsets",
+        "is_special",
+        "starts_word",
+        "clip_ids",
+        "clip_offsets",
+        "is_byte_token",
+    )
 
     def __init__(
         self,
@@ -236,6 +248,7 @@ class VocabularyBridge:
         starts_word: np.ndarray,
         clip_ids: np.ndarray,
         clip_offsets: np.ndarray,
+        is_byte_token: np.ndarray,
     ) -> None:
         if is_special.ndim != 1:
             raise ValueError(
@@ -253,8 +266,9 @@ class VocabularyBridge:
                 problems.append(f"{name} has shape {offsets.shape}, expected ({vocab_size + 1},)")
             elif offsets[0] != 0 or offsets[-1] != len(flat) or np.any(np.diff(offsets) < 0):
                 problems.append(f"{name} do not index their {len(flat)} entries in order")
-        if starts_word.shape != (vocab_size,):
-            problems.append(f"starts_word has shape {starts_word.shape}, expected ({vocab_size},)")
+        for name, flags in (("starts_word", starts_word), ("is_byte_token", is_byte_token)):
+            if flags.shape != (vocab_size,):
+                problems.append(f"{name} has shape {flags.shape}, expected ({vocab_size},)")
         if clip_ids.size and clip_ids.min() < 0:
             problems.append("clip_ids holds negative ids")
         if problems:
@@ -267,6 +281,7 @@ class VocabularyBridge:
         self._starts_word = np.ascontiguousarray(starts_word, dtype=bool)
         self._clip_ids = np.ascontiguousarray(clip_ids, dtype=np.int64)
         self._clip_offsets = np.ascontiguousarray(clip_offsets, dtype=np.int64)
+        self._is_byte_token = np.ascontiguousarray(is_byte_token, dtype=bool)
         blob = self._token_bytes.tobytes()
         self._bytes_list = [
             blob[start:end] for start, end in zip(byte_offsets[:-1], byte_offsets[1:], strict=True)
@@ -298,6 +313,7 @@ class VocabularyBridge:
         byte_list: list[bytes] = []
         is_special = np.zeros(vocab_size, dtype=bool)
         starts_word = np.zeros(vocab_size, dtype=bool)
+        is_byte_token = np.zeros(vocab_size, dtype=bool)
         words: list[str] = []
         word_rows: list[int] = []
         for index, token in enumerate(vocabulary.tokens):
@@ -307,6 +323,7 @@ class VocabularyBridge:
                 continue
             data = to_bytes(token)
             byte_list.append(data)
+            is_byte_token[index] = vocabulary.scheme == METASPACE and bool(_BYTE_FALLBACK.fullmatch(token))
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:  # part of a multi-byte character: no text of its own
@@ -329,7 +346,15 @@ class VocabularyBridge:
         byte_offsets = np.concatenate([[0], np.cumsum(byte_lengths)]).astype(np.int64)
         token_bytes = np.frombuffer(b"".join(byte_list), dtype=np.uint8)
         return cls(
-            key, vocabulary.scheme, token_bytes, byte_offsets, is_special, starts_word, clip_ids, clip_offsets
+            key,
+            vocabulary.scheme,
+            token_bytes,
+            byte_offsets,
+            is_special,
+            starts_word,
+            clip_ids,
+            clip_offsets,
+            is_byte_token,
         )
 
     # ------------------------------------------------------------------------------------------ saving
@@ -348,6 +373,7 @@ class VocabularyBridge:
             starts_word=self._starts_word,
             clip_ids=self._clip_ids,
             clip_offsets=self._clip_offsets,
+            is_byte_token=self._is_byte_token,
         )
         return buffer.getvalue()
 
@@ -418,13 +444,18 @@ class VocabularyBridge:
         start, end = self._clip_offsets[token_id], self._clip_offsets[token_id + 1]
         return self._clip_ids[start:end].tolist()
 
+    def is_byte_token(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a SentencePiece byte-fallback token ``<0xNN>``."""
+        return token_id < len(self._is_byte_token) and bool(self._is_byte_token[token_id])
+
     def decode(self, token_ids: Sequence[int] | torch.Tensor) -> str:
-        """Text of a caption's tokens, special tokens dropped, stripped (as ``batch_decode(...).strip()``).
+        """Text of a caption's tokens, special tokens dropped, stripped (as ``batch_decode(...).strip()``,
+        invalid UTF-8 included: see the class's rules).
 
         This is the text :class:`SoftClipText` tokenizes for CLIP (CLIP's cleaning strips it anyway).
         """
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids
-        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace").strip()
+        return _decode_with_owners(self, ids)[0].strip()
 
     def embedding_table(self, clip_token_embedding: torch.Tensor) -> torch.Tensor:
         """Each LM token's row in CLIP's token-embedding space.
@@ -541,11 +572,14 @@ class ClipAlignment:
 
 
 def _decode_with_owners(bridge: VocabularyBridge, token_ids: Sequence[int]) -> tuple[str, list[list[int]]]:
-    """A caption's text and, for each character, the caption positions whose bytes it is made of.
+    """A caption's text, as the LM tokenizer's ``decode`` gives it, and, for each character, the caption
+    positions whose bytes it is made of.
 
-    A character split over several tokens (byte-level pieces of one multi-byte character) belongs to all
-    of them; special tokens have no bytes and own nothing.
+    A character split over several tokens (byte-level pieces of one multi-byte character, or a run of
+    byte-fallback tokens) belongs to all of them; special tokens have no bytes and own nothing.
     """
+    if bridge.scheme == METASPACE:
+        return _decode_byte_fallback(bridge, token_ids)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     chars: list[str] = []
     owners: list[list[int]] = []
@@ -571,6 +605,45 @@ def _decode_with_owners(bridge: VocabularyBridge, token_ids: Sequence[int]) -> t
     tail = decoder.decode(b"", final=True)
     if tail:
         emit(tail, None)
+    return "".join(chars), owners
+
+
+def _decode_byte_fallback(bridge: VocabularyBridge, token_ids: Sequence[int]) -> tuple[str, list[list[int]]]:
+    """SentencePiece decoding with byte fallback, as tokenizers' ``ByteFallback`` decoder does it: a run of
+    consecutive ``<0xNN>`` tokens (special tokens, dropped, do not end it) becomes its UTF-8 text when the
+    run is valid as a whole, else one U+FFFD per byte; every other token is its own text."""
+    chars: list[str] = []
+    owners: list[list[int]] = []
+    run: list[tuple[int, int]] = []  # (byte, caption position)
+
+    def flush() -> None:
+        data = bytes(byte for byte, _ in run)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            chars.extend("\ufffd" for _ in run)
+            owners.extend([position] for _, position in run)
+        else:
+            start = 0
+            for char in text:
+                width = len(char.encode("utf-8"))
+                chars.append(char)
+                owners.append(sorted({position for _, position in run[start : start + width]}))
+                start += width
+        run.clear()
+
+    for position, token_id in enumerate(token_ids):
+        data = bridge.token_bytes(token_id)
+        if not data:
+            continue
+        if bridge.is_byte_token(token_id):
+            run.append((data[0], position))
+            continue
+        flush()
+        for char in data.decode("utf-8", errors="replace"):
+            chars.append(char)
+            owners.append([position])
+    flush()
     return "".join(chars), owners
 
 
