@@ -301,3 +301,59 @@ def test_compiled_teacher_forcing_equals_eager_and_keeps_the_weights_where_they_
     assert compiled.generate_ids(features, decoding) == eager.generate_ids(features, decoding)
     with pytest.raises(ValueError, match="compile must be"):
         PrefixLM(str(gpt2_folder), compile="yes")
+
+
+def first_positions_fed(captioner: ClipCaptioner, run) -> list[torch.Tensor]:
+    """The embedding at position 0 of every call ``run()`` makes to the Hugging Face model that starts a
+    sequence (calls that continue one from a KV cache are left out)."""
+    seen: list[torch.Tensor] = []
+
+    def record(module, args, kwargs) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if embeds is not None and (cache is None or cache.get_seq_length() == 0):
+            seen.append(embeds[:, 0].detach().clone())
+
+    handle = captioner.lm.base_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_llama_sequences_start_with_bos_everywhere_and_gpt2_ones_do_not(
+    gpt2_folder: Path, llama_folder: Path
+) -> None:
+    """LLaMA's tokenizer starts every text with <s>, so the captioner puts it before the prefix: teacher
+    forcing, greedy and beam decoding, the Gumbel rollout and DiscriTune's KL reference all start from it.
+    GPT-2's adds nothing (as ClipCap); ``bos`` overrides the convention."""
+    from clipcap.gumbel import GumbelRollout, gumbel_rollout
+    from clipcap.objectives.reference import start_token_id
+
+    llama = make_captioner(llama_folder)
+    bos_id = llama.lm.tokenizer.bos_token_id
+    assert llama.lm.tokenizer("a red circle").input_ids[0] == bos_id == llama.bos_token_id
+    bos = llama.lm.embed(torch.tensor([bos_id]))[0].detach()
+    features = torch.randn(2, 16)
+    assert llama.prefix(features).shape[1] == llama.prefix_length + 1
+    tokens = llama.encode_captions(["a red circle.", "a blue square."])
+    runs = {
+        "teacher forcing": lambda: llama(features, tokens),
+        "greedy": lambda: llama.generate_ids(features, DecodingConfig(max_new_tokens=4)),
+        "beam": lambda: llama.generate_ids(features, DecodingConfig(num_beams=3, max_new_tokens=4)),
+        "gumbel": lambda: gumbel_rollout(llama, features, GumbelRollout(max_new_tokens=3)),
+    }
+    for name, run in runs.items():
+        firsts = first_positions_fed(llama, run)
+        assert firsts, name
+        for first in firsts:
+            torch.testing.assert_close(first, bos.expand_as(first), msg=name)
+    assert start_token_id(llama.lm) == bos_id  # the un-prefixed KL reference starts from <s> too
+
+    gpt2 = make_captioner(gpt2_folder)
+    assert gpt2.bos_token_id is None and gpt2.prefix(features).shape[1] == gpt2.prefix_length
+    without = ClipCaptioner(llama.lm, functools.partial(MLPMapper, prefix_length=3), clip_dim=16, bos=False)
+    assert without.prefix(features).shape[1] == 3
+    forced = ClipCaptioner(gpt2.lm, functools.partial(MLPMapper, prefix_length=3), clip_dim=16, bos=True)
+    assert forced.bos_token_id == gpt2.lm.tokenizer.bos_token_id and forced.prefix(features).shape[1] == 4

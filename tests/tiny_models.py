@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -60,9 +60,14 @@ def save_tiny_gpt2(folder: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 
 
 
 def save_tiny_llama(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
-    """A LLaMA-shaped LM (RMSNorm, rotary, SwiGLU, grouped-query attention) with BOS/EOS like LLaMA's."""
+    """A LLaMA-shaped LM (RMSNorm, rotary, SwiGLU, grouped-query attention) with BOS/EOS like LLaMA's: its
+    tokenizer starts every text with ``<s>``, as LLaMA's does."""
     torch.manual_seed(seed)
     raw = _byte_level_tokenizer(["<unk>", "<s>", "</s>"])
+    bos = raw.token_to_id("<s>")
+    raw.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

@@ -142,6 +142,10 @@ class ClipCaptioner(Captioner):
         max_caption_tokens: training targets are cut to this many tokens, EOS included, so one long
             outlier caption cannot set the padded length of every batch.
         normalize_clip_features: L2-normalise CLIP features before the mapper.
+        bos: put the LM's BOS token before the prefix, in training, generation, the Gumbel rollout and the
+            KL reference alike. None follows the tokenizer's convention: LLaMA's starts every text with
+            ``<s>`` (as LLaVA, MiniGPT-4 and BLIP-2 feed it), GPT-2's with nothing (as ClipCap does); True
+            or False decides.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class ClipCaptioner(Captioner):
         clip_dim: int = 512,
         max_caption_tokens: int = 40,
         normalize_clip_features: bool = False,
+        bos: bool | None = None,
     ) -> None:
         super().__init__()
         if max_caption_tokens < 2:
@@ -161,6 +166,19 @@ class ClipCaptioner(Captioner):
         self.clip_dim = clip_dim
         self.max_caption_tokens = max_caption_tokens
         self.normalize_clip_features = normalize_clip_features
+        self.bos = bos
+        self.bos_token_id = self._bos_token_id(bos)
+
+    def _bos_token_id(self, bos: bool | None) -> int | None:
+        if bos is None:
+            return self.lm.convention_bos_token_id
+        if not bos:
+            return None
+        if self.lm.tokenizer.bos_token_id is None:
+            raise ValueError(
+                f"ClipCaptioner(bos=True): the tokenizer of {self.lm.pretrained!r} has no BOS token"
+            )
+        return int(self.lm.tokenizer.bos_token_id)
 
     @property
     def prefix_length(self) -> int:
@@ -171,7 +189,8 @@ class ClipCaptioner(Captioner):
         return next(self.mapper.parameters()).device
 
     def prefix(self, clip_features: torch.Tensor) -> torch.Tensor:
-        """CLIP features (B, D_clip) or (B, G, D_clip) → prefix embeddings (B, P, D) in the LM's dtype."""
+        """CLIP features (B, D_clip) or (B, G, D_clip) → what the LM reads before the caption, in its dtype:
+        (B, P, D) prefix embeddings, or (B, 1 + P, D) with the BOS embedding first (``bos``)."""
         if clip_features.shape[-1] != self.clip_dim:
             raise ValueError(
                 f"CLIP features have size {clip_features.shape[-1]} but the mapper was built for "
@@ -180,7 +199,11 @@ class ClipCaptioner(Captioner):
         features = clip_features.to(next(self.mapper.parameters()).dtype)
         if self.normalize_clip_features:
             features = F.normalize(features, dim=-1)
-        return self.mapper(features).to(self.lm.dtype)
+        prefix = self.mapper(features).to(self.lm.dtype)
+        if self.bos_token_id is None:
+            return prefix
+        bos = self.lm.embed(torch.tensor([[self.bos_token_id]], device=prefix.device)).to(prefix.dtype)
+        return torch.cat([bos.expand(prefix.shape[0], -1, -1), prefix], dim=1)
 
     def encode_captions(self, captions: list[str]) -> CaptionTokens:
         """Tokenizes target captions: no BOS, EOS appended, cut to ``max_caption_tokens``, padded."""

@@ -176,6 +176,16 @@ class PrefixLM(nn.Module):
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
+    @cached_property
+    def convention_bos_token_id(self) -> int | None:
+        """The BOS id the tokenizer starts every encoded text with (LLaMA's ``<s>``), or None when it adds
+        none (GPT-2, whose ``<|endoftext|>`` is its BOS in name only)."""
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            return None
+        encoded = self.tokenizer("a").input_ids
+        return int(bos) if encoded and encoded[0] == bos else None
+
     @property
     def pad_token_id(self) -> int:
         """The id used to fill padded positions; they are masked, so any id works (GPT-2 has no pad)."""
