@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
             f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
             f"{time.perf_counter() - started:.0f} s on a 2-core CPU",
             f"- DiscriTune: `{DT_CONFIG}` (batch 100, Adam lr {settings['lr']:g}, {settings['epochs']} epochs,"
-            ' greedy rollout, stop after "."'
+            ' greedy rollout decoded with dropout on, stop after ".", log π normalised as EGG\'s (the faithful'
+            " defaults)"
             + (f"; options {' '.join(args.dt_option)}" if args.dt_option else "")
             + "); the seeds change the order of the training images; the best epoch by validation P@1"
             " (greedy) is tested",

@@ -13,6 +13,7 @@ import importlib.util
 import sys
 import types
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -374,6 +375,15 @@ def test_discritune_checkpoints_convert(mlp_clipcap, gpt2_folder, tmp_path: Path
         ["convert", "discritune", "--checkpoint", str(egg), "--out", str(out), "--lm", str(gpt2_folder)]
     )
     assert (out / "clipcap.ckpt").is_file() and (out / "lm" / "config.json").is_file()
+    # It carries EGG's test decoding: stop after any "."-holding token or EOS, transformers' beam search
+    # with 5 beams and its default early_stopping (False), 30 caption tokens.
+    module = CaptionModule.load_from_checkpoint(out / "clipcap.ckpt", weights_only=True)
+    captioner = module.captioner
+    assert (captioner.caption_end, captioner.beam_ranking) == ("eos_or_period", "transformers")
+    decoding = module.decoding
+    assert (decoding.num_beams, decoding.max_new_tokens, decoding.early_stopping) == (5, 30, False)
+    stops = captioner.stop_ids(decoding)
+    assert stops[0] == captioner.lm.eos_token_id and set(stops[1:]) == set(captioner.lm.period_token_ids)
 
 
 def test_clipcap_command_points_a_discritune_game_to_its_command(mlp_clipcap, tmp_path: Path) -> None:
@@ -694,3 +704,133 @@ def test_gpt2_config_from_a_folder_must_be_gpt2(tmp_path: Path) -> None:
     ).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="is a 'llama' model; ClipCap checkpoints hold a GPT-2"):
         gpt2_config({}, "x.pt", lm=str(tmp_path / "llama"))
+
+
+# --- ClipCap's decoding (predict.py of rmokady/CLIP_prefix_caption), written from its published code ------
+
+
+@torch.no_grad()
+def reference_generate2(model: ClipCaptionModel, embed: torch.Tensor, period: int, entry_length: int = 67):
+    """predict.py's ``generate2`` for one image: the whole sequence re-run each step, top-p 0.8 filtering,
+    then the most likely token; it stops after the "." token (EOS is an ordinary token)."""
+    generated, tokens = embed, []
+    for _ in range(entry_length):
+        logits = model.gpt(inputs_embeds=generated).logits[:, -1, :]
+        sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cumulative > 0.8
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits[:, sorted_indices[remove]] = -float("inf")
+        token = int(torch.argmax(logits, -1))
+        tokens.append(token)
+        generated = torch.cat([generated, model.gpt.transformer.wte(torch.tensor([[token]]))], dim=1)
+        if token == period:
+            break
+    return tokens
+
+
+@torch.no_grad()
+def reference_generate_beam(
+    model: ClipCaptionModel, embed: torch.Tensor, period: int, beam_size: int = 5, entry_length: int = 67
+):
+    """predict.py's ``generate_beam`` for one image: beams ranked by mean log-probability, a stopped beam
+    padded with token 0 at log-probability 0 with its length frozen; the best mean wins."""
+    generated, tokens, scores = embed, None, None
+    seq_lengths = torch.ones(beam_size)
+    is_stopped = torch.zeros(beam_size, dtype=torch.bool)
+    for _ in range(entry_length):
+        logits = model.gpt(inputs_embeds=generated).logits[:, -1, :].softmax(-1).log()
+        if scores is None:
+            scores, next_tokens = logits.topk(beam_size, -1)
+            generated = generated.expand(beam_size, *generated.shape[1:])
+            next_tokens, scores = next_tokens.permute(1, 0), scores.squeeze(0)
+            tokens = next_tokens
+        else:
+            logits[is_stopped] = -float("inf")
+            logits[is_stopped, 0] = 0
+            scores_sum = scores[:, None] + logits
+            seq_lengths[~is_stopped] += 1
+            average, next_tokens = (scores_sum / seq_lengths[:, None]).view(-1).topk(beam_size, -1)
+            source = next_tokens // scores_sum.shape[1]
+            seq_lengths = seq_lengths[source]
+            next_tokens = (next_tokens % scores_sum.shape[1]).unsqueeze(1)
+            tokens = torch.cat((tokens[source], next_tokens), dim=1)
+            generated = generated[source]
+            scores = average * seq_lengths
+            is_stopped = is_stopped[source]
+        embedded = model.gpt.transformer.wte(next_tokens.squeeze()).view(generated.shape[0], 1, -1)
+        generated = torch.cat((generated, embedded), dim=1)
+        is_stopped = is_stopped + next_tokens.eq(period).squeeze()
+        if is_stopped.all():
+            break
+    best = int((scores / seq_lengths).argsort(descending=True)[0])
+    return tokens[best, : int(seq_lengths[best])].tolist()
+
+
+def sharpen_towards_the_period(gpt: nn.Module, period: int) -> None:
+    """A tiny random GPT-2 rarely says "." and its logits are nearly flat: scaled and nudged, its captions
+    stop at different lengths and its choices are not near-ties."""
+
+    def hook(module, args, output):
+        output = output * 8.0
+        output[..., period] += 6.0
+        return output
+
+    gpt.get_output_embeddings().register_forward_hook(hook)
+
+
+def test_a_converted_clipcap_decodes_as_clipcap_does(mlp_checkpoint, gpt2_folder, tmp_path: Path) -> None:
+    """A converted checkpoint carries ClipCap's decoding: greedy captions equal generate2's and beam-5
+    ones generate_beam's, token for token, stopping at the "." token; EOS is not a stop."""
+    out = tmp_path / "converted"
+    clipcap_main(
+        [
+            "convert",
+            "clipcap",
+            "--checkpoint",
+            str(mlp_checkpoint),
+            "--out",
+            str(out),
+            "--lm",
+            str(gpt2_folder),
+        ]
+    )
+    module = CaptionModule.load_from_checkpoint(out / "clipcap.ckpt", weights_only=True)
+    captioner = module.captioner.eval()
+    assert (captioner.caption_end, captioner.beam_ranking) == ("period_token", "clipcap")
+    assert (module.decoding.num_beams, module.decoding.max_new_tokens) == (1, 67)  # generate2's
+    period = captioner.lm.tokenizer.encode(".", add_special_tokens=False)[0]
+    assert captioner.stop_ids(module.decoding) == [period]
+
+    reference = ClipCaptionModel(
+        nn.Identity(), GPT2LMHeadModel.from_pretrained(out / "lm"), PREFIX_LENGTH
+    ).eval()
+    sharpen_towards_the_period(reference.gpt, period)
+    sharpen_towards_the_period(captioner.lm.model, period)
+    features = torch.randn(8, CLIP_DIM, generator=torch.Generator().manual_seed(3))
+    prefixes = captioner.prefix(features).detach()
+    greedy = captioner.generate_ids(features, module.decoding)
+    beams = captioner.generate_ids(features, replace(module.decoding, num_beams=5))
+    expected_greedy = [reference_generate2(reference, prefix[None], period) for prefix in prefixes]
+    expected_beams = [reference_generate_beam(reference, prefix[None], period) for prefix in prefixes]
+    assert greedy == expected_greedy
+    assert beams == expected_beams
+    lengths = {len(ids) for ids in greedy + beams}
+    assert len(lengths) > 2 and any(ids[-1] == period for ids in beams)  # stops at several lengths
+    assert greedy != beams
+
+
+def test_early_stopping_is_a_decoding_option(gpt2_folder: Path) -> None:
+    from clipcap.generation import DecodingConfig
+
+    assert DecodingConfig(num_beams=5).generation_config([0], 0).early_stopping is True  # the default
+    assert DecodingConfig(num_beams=5, early_stopping=False).generation_config([0], 0).early_stopping is False
+    assert (
+        DecodingConfig(num_beams=5, early_stopping="never").generation_config([0], 0).early_stopping
+        == "never"
+    )
+    with pytest.raises(ValueError, match="early_stopping"):
+        DecodingConfig(early_stopping="soon")
+    with pytest.raises(ValueError, match="beam_ranking"):
+        DecodingConfig(beam_ranking="clip-cap")

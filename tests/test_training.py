@@ -262,3 +262,38 @@ def test_ckpt_path_last_resumes_the_latest_run_of_the_root_folder(tiny_world: Pa
         torch.testing.assert_close(value, expected[key], msg=key)
     with pytest.raises(FileNotFoundError, match=rf"no last\*\.ckpt anywhere under {tmp_path / 'empty'}"):
         lightning_cli([*common, "--trainer.default_root_dir", str(tmp_path / "empty"), "--ckpt_path", "last"])
+
+
+def test_clipcaps_warmup_schedule_is_transformers_linear_schedule_stepped_every_step(
+    tiny_world: Path, tmp_path: Path
+) -> None:
+    """ClipCap's train.py: get_linear_schedule_with_warmup(warmup 5000, epochs × batches), stepped after
+    every optimizer step; the COCO cross-entropy config uses it."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from clipcap.training import WarmupLinearDecay
+
+    def rates(scheduler_factory, steps: int) -> list[float]:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+        scheduler = scheduler_factory(optimizer)
+        seen = []
+        for _ in range(steps):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    ours = rates(lambda o: WarmupLinearDecay(o, warmup_steps=7, total_steps=20), 24)
+    theirs = rates(
+        lambda o: get_linear_schedule_with_warmup(o, num_warmup_steps=7, num_training_steps=20), 24
+    )
+    assert ours == pytest.approx(theirs, abs=1e-18) and ours[0] == 0.0 and ours[7] == 2e-5 and ours[20] == 0.0
+    cli = lightning_cli(
+        quick_fit_args(tmp_path, "--model.lr_scheduler=clipcap.training.WarmupLinearDecay",
+                       "--model.lr_scheduler.warmup_steps=2", "--trainer.max_epochs=2", "--trainer.limit_val_batches=0")
+    )  # fmt: skip
+    scheduler = cli.trainer.lr_scheduler_configs[0]
+    assert scheduler.interval == "step" and scheduler.scheduler.total_steps == 6  # 2 epochs × 3 batches
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 0.0  # decayed to 0 at the last step
+    coco = yaml.safe_load((REPO / "lightning_configs" / "coco" / "ce.yaml").read_text())
+    assert coco["model"]["lr_scheduler"]["class_path"] == "clipcap.training.WarmupLinearDecay"

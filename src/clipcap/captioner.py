@@ -20,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from clipcap.compat import cache_kwargs, generate_with_gradients
-from clipcap.generation import DecodingConfig, cut_at_stop
+from clipcap.generation import BEAM_RANKINGS, CAPTION_ENDS, DecodingConfig, clipcap_beam_search, cut_at_stop
 from clipcap.lm import PrefixLM
 from clipcap.mapper import Mapper, MapperFactory, MLPMapper
 
@@ -120,6 +120,10 @@ class Captioner(nn.Module, ABC):
         """Decodes caption token ids, B·R lists (image-major), each cut after its stop
         (:func:`clipcap.generation.cut_at_stop`): EOS is dropped, a "." stop is kept."""
 
+    def stop_ids(self, decoding: DecodingConfig) -> list[int]:
+        """The ids that end this captioner's captions under ``decoding``."""
+        return decoding.stop_ids(self.lm)
+
     def generate(
         self, clip_features: torch.Tensor, decoding: DecodingConfig | None = None
     ) -> list[list[str]]:
@@ -146,6 +150,14 @@ class ClipCaptioner(Captioner):
             KL reference alike. None follows the tokenizer's convention: LLaMA's starts every text with
             ``<s>`` (as LLaVA, MiniGPT-4 and BLIP-2 feed it), GPT-2's with nothing (as ClipCap does); True
             or False decides.
+        caption_end: how this captioner's captions end, a fact of its training that every decoding follows
+            (``DecodingConfig.stop_at_period`` adds the "."-holding tokens on top): ``eos`` (trained by
+            clipcap, targets end with EOS); ``period_token`` (the original ClipCap, whose targets had no
+            EOS: a caption ends after the "." token, as its ``generate2``/``generate_beam`` stop, and EOS is
+            an ordinary token); ``eos_or_period`` (EGG's DiscriTune: EOS or any token holding ".").
+            ``clipcap convert`` sets it for the checkpoints it converts.
+        beam_ranking: the beam ranking of decodings that do not choose one (``DecodingConfig.beam_ranking``):
+            ``transformers``, or ``clipcap`` for a converted ClipCap checkpoint (its ``generate_beam``).
     """
 
     def __init__(
@@ -156,6 +168,8 @@ class ClipCaptioner(Captioner):
         max_caption_tokens: int = 40,
         normalize_clip_features: bool = False,
         bos: bool | None = None,
+        caption_end: str = "eos",
+        beam_ranking: str = "transformers",
     ) -> None:
         super().__init__()
         if max_caption_tokens < 2:
@@ -168,6 +182,14 @@ class ClipCaptioner(Captioner):
         self.normalize_clip_features = normalize_clip_features
         self.bos = bos
         self.bos_token_id = self._bos_token_id(bos)
+        if caption_end not in CAPTION_ENDS:
+            raise ValueError(f"ClipCaptioner: caption_end must be one of {CAPTION_ENDS}, got {caption_end!r}")
+        if beam_ranking not in BEAM_RANKINGS:
+            raise ValueError(
+                f"ClipCaptioner: beam_ranking must be one of {BEAM_RANKINGS}, got {beam_ranking!r}"
+            )
+        self.caption_end = caption_end
+        self.beam_ranking = beam_ranking
 
     def _bos_token_id(self, bos: bool | None) -> int | None:
         if bos is None:
@@ -239,10 +261,18 @@ class ClipCaptioner(Captioner):
         if not keep_mode:
             self.eval()
         try:
-            generated, stops = self._generate(self.lm.model.generate, prefix, decoding)
+            if decoding.num_beams > 1 and (decoding.beam_ranking or self.beam_ranking) == "clipcap":
+                stops = self.stop_ids(decoding)
+                generated = clipcap_beam_search(self.lm, prefix, decoding, stops)
+            else:
+                generated, stops = self._generate(self.lm.model.generate, prefix, decoding)
         finally:
             self.train(was_training)
         return cut_at_stop(generated, self.lm.eos_token_id, stops)
+
+    def stop_ids(self, decoding: DecodingConfig) -> list[int]:
+        """The ids that end this captioner's captions under ``decoding`` (see ``caption_end``)."""
+        return decoding.stop_ids(self.lm, self.caption_end)
 
     def rollout_with_logits(
         self, clip_features: torch.Tensor, decoding: DecodingConfig
@@ -257,6 +287,10 @@ class ClipCaptioner(Captioner):
             ids, stops included, and the (B·R, T, V) raw logits of each step (before any logits processor),
             ``logits[:, t]`` predicting ``ids[:, t]``, with gradients to the mapper and the trained LM.
         """
+        if decoding.num_beams > 1 and (decoding.beam_ranking or self.beam_ranking) == "clipcap":
+            raise ValueError(
+                "rollout_with_logits: ClipCap's beam ranking has no logits to keep; use generate's"
+            )
         if self.lm.checkpointing and self.training:
             raise ValueError(
                 "rollout_with_logits: the LM has gradient checkpointing on, which drops the KV cache in "
@@ -277,7 +311,7 @@ class ClipCaptioner(Captioner):
         """Runs ``generate`` (transformers' ``generate``, decorated or not) from the (B, P, D) prefix with
         ``decoding``'s settings and any further ``GenerationConfig`` ``settings``, the prefix's cache shared
         among each image's beams; returns its output and the stop ids."""
-        stops = decoding.stop_ids(self.lm)
+        stops = self.stop_ids(decoding)
         config = decoding.generation_config(stops, self.lm.pad_token_id)
         unknown = config.update(**settings)
         if unknown:

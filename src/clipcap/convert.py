@@ -641,8 +641,31 @@ def load_original_captioner_weights(captioner: ClipCaptioner, checkpoint: Any, s
 # Writing a converted captioner
 
 
-def captioner_config(mapper: MapperWeights, lm_folder: str) -> dict[str, Any]:
-    """The ``model.captioner`` config (class path and init args) that rebuilds a converted captioner."""
+ORIGINAL_DECODING: dict[str, dict[str, Any]] = {
+    # ClipCap trained without EOS: captions end after the "." token (generate2/generate_beam stop there,
+    # up to 67 tokens), beams are ranked by generate_beam's mean log-probability; predict.py decodes
+    # greedily (generate2) unless asked for beam search.
+    "clipcap": {
+        "captioner": {"caption_end": "period_token", "beam_ranking": "clipcap"},
+        "decoding": {"num_beams": 1, "max_new_tokens": 67},
+    },
+    # EGG's DiscriTune stops after any token holding "." (its logits processor then forces EOS) and tests
+    # with transformers' beam search, 5 beams, its default early_stopping (False), max_len 40 of which the
+    # 10 prefix positions leave 30 caption tokens.
+    "discritune": {
+        "captioner": {"caption_end": "eos_or_period", "beam_ranking": "transformers"},
+        "decoding": {"num_beams": 5, "max_new_tokens": 30, "early_stopping": False},
+    },
+}
+"""The decoding each original used, which a converted checkpoint carries: the captioner's ``caption_end``
+and ``beam_ranking`` (every decoding of it follows them) and the module's ``decoding`` (``clipcap caption``
+and ``predict``)."""
+
+
+def captioner_config(mapper: MapperWeights, lm_folder: str, original: str | None = None) -> dict[str, Any]:
+    """The ``model.captioner`` config (class path and init args) that rebuilds a converted captioner; with
+    ``original`` (``clipcap`` or ``discritune``), decoding as that original did (:data:`ORIGINAL_DECODING`)."""
+    conventions = ORIGINAL_DECODING[original]["captioner"] if original is not None else {}
     return {
         "class_path": "clipcap.captioner.ClipCaptioner",
         "init_args": {
@@ -654,6 +677,7 @@ def captioner_config(mapper: MapperWeights, lm_folder: str) -> dict[str, Any]:
             "clip_dim": mapper.clip_dim,
             # ClipCap and DiscriTune feed CLIP's raw (unnormalised) image embedding to the mapper.
             "normalize_clip_features": False,
+            **conventions,
         },
     }
 
@@ -662,7 +686,8 @@ def model_config_overlay(mapper: MapperWeights, lm_folder: str, checkpoint: str)
     """A ``model:`` config to give after a training config (``--config train.yaml --config this.yaml``).
 
     It sets what the conversion decides (the LM folder, the mapper, ``init_from``) and leaves the rest to
-    the training config: whether the LM trains, and ``clip_dim``, which the CLI links from the data.
+    the training config: whether the LM trains, and ``clip_dim``, which the CLI links from the data. It
+    does not carry the original's decoding: a run trained by clipcap learns to end captions with EOS.
     """
     captioner = captioner_config(mapper, lm_folder)
     del captioner["init_args"]["clip_dim"]
@@ -684,7 +709,11 @@ def _save_tokenizer(source: str | None, folder: Path) -> None:
 
 
 def write_converted_captioner(
-    original: OriginalCaptioner, out_dir: str | Path, lm: str | None = None, n_head: int | None = None
+    original: OriginalCaptioner,
+    out_dir: str | Path,
+    lm: str | None = None,
+    n_head: int | None = None,
+    kind: str = "clipcap",
 ) -> Path:
     """Writes a converted captioner.
 
@@ -706,17 +735,20 @@ def write_converted_captioner(
             and renamed when complete.
         lm: Hugging Face name or folder for the GPT-2 configuration and tokenizer (see :func:`gpt2_config`).
         n_head: GPT-2's head count.
+        kind: ``clipcap`` or ``discritune``: whose decoding the checkpoint carries (:data:`ORIGINAL_DECODING`).
 
     Returns:
         The path of ``clipcap.ckpt``.
     """
+    if kind not in ORIGINAL_DECODING:
+        raise ValueError(f"kind must be one of {sorted(ORIGINAL_DECODING)}, got {kind!r}")
     out_dir = Path(out_dir).resolve()
     # Paths inside the files name the final folder; everything is written to a staging folder first.
     lm_dir = out_dir / CONVERTED_LM
     checkpoint_path = out_dir / CONVERTED_CHECKPOINT
     model = original.build_lm(lm, n_head)
     with staged_folder(out_dir) as staging:
-        _write_converted_captioner(original, model, lm, staging, lm_dir, checkpoint_path)
+        _write_converted_captioner(original, model, lm, staging, lm_dir, checkpoint_path, kind)
     return checkpoint_path
 
 
@@ -727,6 +759,7 @@ def _write_converted_captioner(
     staging: Path,
     lm_dir: Path,
     checkpoint_path: Path,
+    kind: str,
 ) -> None:
     import lightning
     import yaml
@@ -766,8 +799,9 @@ def _write_converted_captioner(
         "state_dict": state_dict,
         # What LightningCLI saves, so that load_from_checkpoint rebuilds the module.
         "hyper_parameters": {
-            "captioner": captioner_config(mapper, str(lm_dir)),
+            "captioner": captioner_config(mapper, str(lm_dir), kind),
             "objective": {"class_path": "clipcap.objectives.CrossEntropy", "init_args": {}},
+            "decoding": dict(ORIGINAL_DECODING[kind]["decoding"]),
             "init_from": None,
             "_instantiator": "lightning.pytorch.cli.instantiate_module",
         },
@@ -803,7 +837,9 @@ def convert_clipcap(
     checkpoint: str | Path, out_dir: str | Path, lm: str | None = None, n_head: int | None = None
 ) -> Path:
     """Converts an original ClipCap ``.pt`` (see :func:`write_converted_captioner`); returns ``clipcap.ckpt``."""
-    return write_converted_captioner(read_original_captioner(checkpoint, prefix=""), out_dir, lm, n_head)
+    return write_converted_captioner(
+        read_original_captioner(checkpoint, prefix=""), out_dir, lm, n_head, kind="clipcap"
+    )
 
 
 def convert_discritune(
@@ -813,7 +849,9 @@ def convert_discritune(
 
     See :func:`write_converted_captioner`.
     """
-    return write_converted_captioner(read_original_captioner(checkpoint), out_dir, lm, n_head)
+    return write_converted_captioner(
+        read_original_captioner(checkpoint), out_dir, lm, n_head, kind="discritune"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,11 +33,20 @@ class DecodingConfig:
         max_new_tokens: caption length cap in tokens (L), the stop token included.
         min_new_tokens: tokens before a stop may be chosen.
         length_penalty: beam search score exponent on length.
-        stop_at_period: also stop after the first token containing "." (kept in the caption).
+        stop_at_period: also stop after the first token containing "." (kept in the caption), as EGG's
+            DiscriTune does; added to the captioner's own stops (its ``caption_end``).
         repetition_penalty: >1 discourages repeating tokens (1.0 is off).
         ignore_stops: never stop: every caption has exactly ``max_new_tokens`` tokens, EOS and "." being
             ordinary tokens (how benchmarks time decoding at a fixed length, as vLLM's ``ignore_eos``; no
             logits processor is added for it, unlike ``min_new_tokens``, which masks the stops each step).
+        beam_ranking: how beam search ranks its beams: ``transformers`` (``generate``'s beam search:
+            finished hypotheses kept apart, scored by summed log-probability / length ** length_penalty) or
+            ``clipcap`` (the original ClipCap's ``generate_beam``: finished and unfinished beams compete at
+            every step on their mean token log-probability, the best mean wins). None: the captioner's
+            (``ClipCaptioner(beam_ranking=...)``; a converted ClipCap checkpoint carries ``clipcap``).
+        early_stopping: ``transformers`` beam search only: True (the default) ends an image's search as
+            soon as ``num_beams`` captions are finished; False or "never" let it look for better ones, as
+            transformers' own default (False) does, with which EGG decoded DiscriTune at test time.
     """
 
     num_beams: int = 1
@@ -52,11 +61,21 @@ class DecodingConfig:
     stop_at_period: bool = False
     repetition_penalty: float = 1.0
     ignore_stops: bool = False
+    beam_ranking: str | None = None
+    early_stopping: bool | str = True
 
     def __post_init__(self) -> None:
         if self.num_beams < 1 or self.num_return_sequences < 1 or self.max_new_tokens < 1:
             raise ValueError(
                 f"DecodingConfig: beams, return sequences and max_new_tokens must be ≥ 1: {self}"
+            )
+        if self.beam_ranking not in (None, *BEAM_RANKINGS):
+            raise ValueError(
+                f"DecodingConfig: beam_ranking must be one of {BEAM_RANKINGS} or None, got {self.beam_ranking!r}"
+            )
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(
+                f"DecodingConfig: early_stopping must be true, false or never, got {self.early_stopping!r}"
             )
         if not self.do_sample and self.num_return_sequences > self.num_beams:
             raise ValueError(
@@ -87,9 +106,10 @@ class DecodingConfig:
         ]
         return text + (f" ({', '.join(others)})" if others else "")
 
-    def stop_ids(self, lm: PrefixLM) -> list[int]:
-        """The ids that end a caption under these settings (none with ``ignore_stops``)."""
-        return [] if self.ignore_stops else stop_token_ids(lm, self.stop_at_period)
+    def stop_ids(self, lm: PrefixLM, caption_end: str = "eos") -> list[int]:
+        """The ids that end a caption under these settings for a captioner whose captions end as
+        ``caption_end`` says (none with ``ignore_stops``)."""
+        return [] if self.ignore_stops else stop_token_ids(lm, self.stop_at_period, caption_end)
 
     def generation_config(self, stop_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
         """The full ``GenerationConfig``; nothing is inherited from a model's own defaults."""
@@ -104,16 +124,37 @@ class DecodingConfig:
             num_return_sequences=self.num_return_sequences,
             length_penalty=self.length_penalty,
             repetition_penalty=self.repetition_penalty,
-            early_stopping=self.num_beams > 1,
+            early_stopping=self.early_stopping if self.num_beams > 1 else False,
             eos_token_id=stop_token_ids or None,
             pad_token_id=pad_token_id,
             use_cache=True,
         )
 
 
-def stop_token_ids(lm: PrefixLM, stop_at_period: bool) -> list[int]:
-    """EOS first, then (optionally) every token containing "."."""
-    return [lm.eos_token_id, *(lm.period_token_ids if stop_at_period else [])]
+BEAM_RANKINGS = ("transformers", "clipcap")
+CAPTION_ENDS = ("eos", "period_token", "eos_or_period")
+
+
+def stop_token_ids(lm: PrefixLM, stop_at_period: bool, caption_end: str = "eos") -> list[int]:
+    """The ids that end a caption, EOS first when it is one.
+
+    Args:
+        lm: the language model (its tokenizer's ids).
+        stop_at_period: add every token containing "." (EGG's stop set).
+        caption_end: how the captioner's captions end: ``eos`` (trained by clipcap: EOS),
+            ``period_token`` (the original ClipCap, which never learnt EOS: the single "." token that
+            ``tokenizer.encode(".")[0]`` gives, EOS being an ordinary token, as ``generate2`` and
+            ``generate_beam`` stop) or ``eos_or_period`` (EGG's DiscriTune: EOS or any token containing ".").
+    """
+    if caption_end not in CAPTION_ENDS:
+        raise ValueError(f"caption_end must be one of {CAPTION_ENDS}, got {caption_end!r}")
+    if caption_end == "period_token":
+        stops = [lm.tokenizer.encode(".", add_special_tokens=False)[0]]
+    else:
+        stops = [lm.eos_token_id]
+    if stop_at_period or caption_end == "eos_or_period":
+        stops += [token for token in lm.period_token_ids if token not in stops]
+    return stops
 
 
 def cut_at_stop(token_ids: torch.Tensor, eos_token_id: int, stop_ids: list[int]) -> list[list[int]]:
@@ -137,6 +178,81 @@ def cut_at_stop(token_ids: torch.Tensor, eos_token_id: int, stop_ids: list[int])
             ids = ids[:-1]
         captions.append(ids)
     return captions
+
+
+@torch.no_grad()
+def clipcap_beam_search(
+    lm: PrefixLM, prefix: torch.Tensor, decoding: DecodingConfig, stop_ids: list[int]
+) -> torch.Tensor:
+    """Beam search as the original ClipCap's ``generate_beam`` ranks beams, batched over images, KV-cached.
+
+    At every step each image's ``num_beams`` beams are extended by every token and the ``num_beams`` best
+    continuations are kept by their mean token log-probability (summed log-probability / tokens so far);
+    a beam that has produced a stop stays in the pool, extended by token 0 at log-probability 0 with its
+    length frozen, so its mean no longer changes. The search ends when every beam of every image has
+    stopped or after ``max_new_tokens`` tokens; each image's caption is its beam with the best mean. An
+    image whose beams have all stopped keeps its beams and scores while the others go on, so batching does
+    not change its caption. (``generate`` ranks differently: see ``DecodingConfig.beam_ranking``.)
+
+    Args:
+        lm: the language model.
+        prefix: (B, P, D) what the LM reads before the caption.
+        decoding: ``num_beams`` (K), ``max_new_tokens`` (L) and ``temperature`` are read; sampling and
+            several captions per image are not ClipCap's and are refused.
+        stop_ids: the ids that end a caption.
+
+    Returns:
+        (B, L') each image's best beam, token 0 after its stop (read it with :func:`cut_at_stop`).
+    """
+    if decoding.do_sample or decoding.num_return_sequences != 1:
+        raise ValueError("beam_ranking=clipcap is ClipCap's beam search: one caption per image, no sampling")
+    from transformers import DynamicCache
+
+    from clipcap.compat import cache_kwargs, returned_cache
+
+    model = lm.model
+    batch, beams = prefix.shape[0], decoding.num_beams
+    device = prefix.device
+    stops = torch.tensor(stop_ids, device=device, dtype=torch.long)
+    temperature = decoding.temperature if decoding.temperature > 0 else 1.0
+
+    def step(
+        embeds: torch.Tensor, attention: torch.Tensor, cache: DynamicCache
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        output = model(inputs_embeds=embeds, attention_mask=attention, use_cache=True, **cache_kwargs(cache))
+        logits = output.logits[:, -1].float() / temperature
+        # softmax then log, as generate_beam computes them (log_softmax differs in the last bits).
+        return logits.softmax(-1).log(), returned_cache(output) or cache
+
+    attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
+    first, cache = step(prefix, attention, DynamicCache(config=lm.base_model.config))
+    vocab = first.shape[-1]
+    scores, next_ids = first.topk(beams, dim=-1)  # (B, K)
+    cache.batch_repeat_interleave(beams)
+    attention = attention.repeat_interleave(beams, dim=0)
+    tokens = next_ids[:, :, None]  # (B, K, t)
+    lengths = torch.ones(batch, beams, device=device)
+    stopped = torch.isin(next_ids, stops)
+    offsets = (torch.arange(batch, device=device) * beams)[:, None]
+    for _ in range(decoding.max_new_tokens - 1):
+        if bool(stopped.all()):
+            break
+        attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
+        embeds = lm.embed(next_ids.reshape(-1, 1)).to(prefix.dtype)
+        log_probs, cache = step(embeds, attention, cache)
+        log_probs = log_probs.view(batch, beams, vocab).masked_fill(stopped[:, :, None], float("-inf"))
+        log_probs[..., 0] = log_probs[..., 0].masked_fill(stopped, 0.0)
+        lengths = lengths + (~stopped).float()
+        means = (scores[:, :, None] + log_probs) / lengths[:, :, None]
+        best_means, flat = means.view(batch, -1).topk(beams, dim=-1)
+        source, next_ids = flat // vocab, flat % vocab
+        lengths = lengths.gather(1, source)
+        tokens = torch.cat([tokens.gather(1, source[:, :, None].expand_as(tokens)), next_ids[:, :, None]], 2)
+        scores = best_means * lengths
+        stopped = stopped.gather(1, source) | torch.isin(next_ids, stops)
+        cache.reorder_cache((offsets + source).reshape(-1))
+    best = (scores / lengths).argmax(dim=1)
+    return tokens[torch.arange(batch, device=device), best]
 
 
 @torch.no_grad()

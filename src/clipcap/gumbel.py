@@ -155,7 +155,7 @@ def gumbel_rollout(
     embedding_matrix = model.get_input_embeddings().weight  # (V, D)
     # The last position's logits only, where the model can skip the LM head on the others.
     logits_kwargs = {"logits_to_keep": 1} if lm.takes_logits_to_keep else {}
-    stops = torch.tensor(stop_token_ids(lm, options.stop_at_period), device=device)
+    stops = torch.tensor(stop_token_ids(lm, options.stop_at_period, captioner.caption_end), device=device)
 
     def run(function: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Tensor, ...]:
         if options.checkpoint_steps:

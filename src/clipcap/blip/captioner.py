@@ -266,7 +266,11 @@ class BlipCaptioner(Captioner):
         decoding = decoding or DecodingConfig()
         states = self.image_states(clip_features)
         start = self.start_ids.repeat(states.shape[0], 1)
-        stops = decoding.stop_ids(self.lm)
+        if decoding.num_beams > 1 and decoding.beam_ranking == "clipcap":
+            raise ValueError(
+                "BlipCaptioner: beam_ranking=clipcap is the original ClipCap's; BLIP decodes with generate's"
+            )
+        stops = self.stop_ids(decoding)
         was_training = self.training
         if not keep_mode:
             self.eval()

@@ -385,7 +385,7 @@ class DiscriTune(Objective):
     def _stopped(captioner: Captioner, caption_ids: list[list[int]], rollout: DecodingConfig) -> torch.Tensor:
         """(B,) whether each caption ended at a stop (EOS, or a "." token kept as its last token) rather
         than at the length cap: only then does EGG's generate write an EOS after it."""
-        stops = set(rollout.stop_ids(captioner.lm))
+        stops = set(captioner.stop_ids(rollout))
         return torch.tensor(
             [len(ids) < rollout.max_new_tokens or (bool(ids) and ids[-1] in stops) for ids in caption_ids],
             device=captioner.device,

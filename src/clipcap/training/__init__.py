@@ -13,6 +13,7 @@ from clipcap.training.data import (
 )
 from clipcap.training.evaluation import CaptionEvaluation
 from clipcap.training.module import CaptionModule
+from clipcap.training.schedules import WarmupLinearDecay
 
 __all__ = [
     "CaptionDataModule",
@@ -29,4 +30,5 @@ __all__ = [
     "RichProgress",
     "SampleCaptions",
     "SyntheticCaptions",
+    "WarmupLinearDecay",
 ]

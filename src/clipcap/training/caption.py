@@ -129,12 +129,17 @@ def _decoding_options(parser: argparse.ArgumentParser) -> list[str]:
     """Adds one ``--<field>`` option per ``DecodingConfig`` field; returns their names."""
     group = parser.add_argument_group("decoding (default: the checkpoint's test decoding)")
     names = []
+    special = {"beam_ranking": (str, "RANKING"), "early_stopping": (_early_stopping, "true|false|never")}
     for field in dataclasses.fields(DecodingConfig):
         kind = type(field.default)
-        parse = _boolean if kind is bool else kind
-        group.add_argument(f"--{field.name}", type=parse, default=None, metavar=kind.__name__.upper())
+        parse, metavar = special.get(field.name, (_boolean if kind is bool else kind, kind.__name__.upper()))
+        group.add_argument(f"--{field.name}", type=parse, default=None, metavar=metavar)
         names.append(field.name)
     return names
+
+
+def _early_stopping(text: str) -> bool | str:
+    return "never" if text == "never" else _boolean(text)
 
 
 def _boolean(text: str) -> bool:

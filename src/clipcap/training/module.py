@@ -18,6 +18,7 @@ from clipcap.checkpoints import read_checkpoint
 from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.objectives.base import Objective
+from clipcap.training.schedules import WarmupLinearDecay
 
 
 class NothingLearnt(RuntimeError):
@@ -216,7 +217,12 @@ class CaptionModule(pl.LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupLinearDecay) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        # A schedule of optimizer steps (ClipCap's warm-up) is stepped every step, any other every epoch.
+        interval = getattr(scheduler, "interval", "epoch")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def configure_gradient_clipping(
         self,
