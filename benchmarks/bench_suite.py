@@ -281,7 +281,7 @@ def bench_gumbel_clip(
         }
         return {**seconds, "step": sum(seconds.values())}
 
-    never_stop = lambda lm, stop_at_period: [UNREACHABLE_STOP]  # noqa: E731
+    never_stop = lambda *stop_arguments: [UNREACHABLE_STOP]  # noqa: E731
     try:
         with (
             mock.patch.object(clipcap.objectives.gumbel_clip, "gumbel_rollout", timed_rollout),

@@ -350,6 +350,7 @@ def estimate_lora_memory(
     rollout_tokens: int = 20,
     *,
     lora_dropout: float = 0.05,
+    bos: bool = True,
     mapper_hidden_dim: int | None = None,
     receiver_parameters: int = VIT_B32_CLIP_PARAMETERS,
     adam_foreach: bool = True,
@@ -372,6 +373,8 @@ def estimate_lora_memory(
         clip_dim: CLIP feature size (D_clip) the mapper takes.
         rollout_tokens: DiscriTune's rollout length (R); the teacher-forced pass then has T_c = R.
         lora_dropout: the adapters' dropout; > 0 saves a mask per adapter.
+        bos: the sequence starts with the LM's BOS before the prefix (LLaMA's tokenizer convention, which
+            ``ClipCaptioner`` follows by default): one more position.
         mapper_hidden_dim: the MLP mapper's hidden width; ClipCap's P·D/2 when None.
         receiver_parameters: parameters of DiscriTune's receiver CLIP (float32).
         adam_foreach: AdamW's default foreach step (one float32 temporary of the trainable weights);
@@ -392,7 +395,8 @@ def estimate_lora_memory(
     shape = LlamaShape.from_config(config)
     discritune = objective == "discritune"
     targets_tokens = rollout_tokens if discritune else caption_tokens
-    positions = prefix_length + targets_tokens
+    lead = prefix_length + int(bos)  # what the LM reads before the caption
+    positions = lead + targets_tokens
     tokens = batch * positions
     width, b = shape.hidden_size, dtype_bytes
     hidden = mapper_hidden_dim or (prefix_length * width) // 2
@@ -420,7 +424,7 @@ def estimate_lora_memory(
         working_set += b * width * shape.intermediate_size
     kv_cache = 0
     if discritune:
-        fed = prefix_length + rollout_tokens - 1
+        fed = lead + rollout_tokens - 1
         kv_cache = 2 * shape.num_layers * batch * fed * shape.num_kv_heads * shape.head_dim * b
 
     return MemoryEstimate(
