@@ -467,24 +467,21 @@ def teacher_forcing(
     return ours[mask], theirs[mask]
 
 
+def convert_with_the_command(checkpoint: Path, gpt2_folder: Path, out: Path) -> Path:
+    """``clipcap convert clipcap --checkpoint ... --out out --lm gpt2_folder``; returns ``out``."""
+    clipcap_main(
+        ["convert", "clipcap", "--checkpoint", str(checkpoint), "--out", str(out), "--lm", str(gpt2_folder)]
+    )
+    return out
+
+
 def test_cli_writes_a_loadable_captioner(
     mlp_clipcap, mlp_checkpoint, gpt2_folder, tmp_path: Path, capsys
 ) -> None:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     out = tmp_path / "converted"
-    clipcap_main(
-        [
-            "convert",
-            "clipcap",
-            "--checkpoint",
-            str(mlp_checkpoint),
-            "--out",
-            str(out),
-            "--lm",
-            str(gpt2_folder),
-        ]
-    )
+    convert_with_the_command(mlp_checkpoint, gpt2_folder, out)
     assert f"--config {out / 'model.yaml'}" in capsys.readouterr().out
     assert {"lm", "mapper.safetensors", "model.yaml", "clipcap.ckpt"} <= {p.name for p in out.iterdir()}
     features = clip_features()
@@ -784,18 +781,7 @@ def test_a_converted_clipcap_decodes_as_clipcap_does(mlp_checkpoint, gpt2_folder
     """A converted checkpoint carries ClipCap's decoding: greedy captions equal generate2's and beam-5
     ones generate_beam's, token for token, stopping at the "." token; EOS is not a stop."""
     out = tmp_path / "converted"
-    clipcap_main(
-        [
-            "convert",
-            "clipcap",
-            "--checkpoint",
-            str(mlp_checkpoint),
-            "--out",
-            str(out),
-            "--lm",
-            str(gpt2_folder),
-        ]
-    )
+    convert_with_the_command(mlp_checkpoint, gpt2_folder, out)
     module = CaptionModule.load_from_checkpoint(out / "clipcap.ckpt", weights_only=True)
     captioner = module.captioner.eval()
     assert (captioner.caption_end, captioner.beam_ranking) == ("period_token", "clipcap")
