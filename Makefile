@@ -90,13 +90,13 @@ test-full: $(STAMP) ## every CPU test, the slow tier included
 	$(VENV)/bin/pytest -q -m 'not gpu'
 
 lint: $(STAMP) ## ruff lint and format check
-	$(VENV)/bin/ruff check src tests benchmarks experiments
-	$(VENV)/bin/ruff format --check src tests benchmarks experiments
+	$(VENV)/bin/ruff check clipcap tests benchmarks experiments
+	$(VENV)/bin/ruff format --check clipcap tests benchmarks experiments
 
 bench: $(STAMP) ## the benchmark suite, both GPT-2 shapes (~15 min on a 2-core CPU): one table, written to docs/benchmarks.md
-	$(PYTHON) benchmarks/bench_suite.py --write docs/benchmarks.md
+	$(PYTHON) -m benchmarks.bench_suite --write docs/benchmarks.md
 
 bench-eval: $(STAMP) ## time the evaluation of 5,000 images (needs the demo's checkpoint: run `make demo` first)
-	$(PYTHON) benchmarks/bench_evaluation.py
+	$(PYTHON) -m benchmarks.bench_evaluation
 
 .PHONY: help install lock test-latest test-oldest demo test test-full lint bench bench-eval

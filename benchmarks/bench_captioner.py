@@ -13,7 +13,7 @@ Measures, for GPT-2-shaped LMs with random weights (no downloads):
    run 40 steps, on fewer images; and the speed-up of 2. over 3.
 
 Run:
-    .venv/bin/python benchmarks/bench_captioner.py [--shapes small,gpt2-small] [--threads N]
+    .venv/bin/python -m benchmarks.bench_captioner [--shapes small,gpt2-small] [--threads N]
         [--device cpu|cuda] [--dtype float32|bfloat16] [--quick] [--write docs/benchmarks.md]
 
 ``--dtype bfloat16`` trains under bf16 autocast with fp32 weights (mixed precision, as ``bf16-mixed``) and
@@ -433,10 +433,12 @@ def write_markdown(path: Path, key: str, block: str) -> None:
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
-    """The command that ran ``script``: this process's own, or ``script`` with ``argv`` when called in-process."""
+    """The command that runs ``script`` (a benchmark module's ``__file__``) with this process's arguments,
+    or with ``argv`` when called in-process: ``python -m benchmarks.<name> ...``."""
     python = os.path.relpath(sys.executable)
     python = sys.executable if python.startswith("..") else python
-    return shlex.join([python, *(sys.argv if argv is None else [script, *argv])])
+    module = f"benchmarks.{Path(script).stem}"
+    return shlex.join([python, "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def run_lines(command: str, machine: str, load_before: str) -> list[str]:

@@ -6,7 +6,7 @@ eager and compiled (``torch.compile`` defaults, inductor, ``dynamic=True``), and
 model's first steps took (the compilation).
 
 Run:
-    .venv/bin/python benchmarks/bench_compile.py [--shapes small,gpt2-small] [--threads 1] [--device cpu|cuda]
+    .venv/bin/python -m benchmarks.bench_compile [--shapes small,gpt2-small] [--threads 1] [--device cpu|cuda]
         [--write docs/benchmarks.md]
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench_captioner import (
+from benchmarks.bench_captioner import (
     CLIP_DIM,
     PREFIX_LENGTH,
     SHAPES,

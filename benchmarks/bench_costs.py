@@ -14,7 +14,7 @@ repeats after a warm-up), on the GPT-2-small shape with random weights:
    beam; beam 5, 32 images, exactly 40 new tokens (the two ways alternate, after an 8-token warm-up).
 
 Run:
-    .venv/bin/python benchmarks/bench_costs.py [--repeats 3] [--threads 1] [--write docs/benchmarks.md]
+    .venv/bin/python -m benchmarks.bench_costs [--repeats 3] [--threads 1] [--write docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers.activations import GELUTanh, NewGELUActivation
 
-from bench_captioner import (
+from benchmarks.bench_captioner import (
     SHAPES,
     command_line,
     figure,

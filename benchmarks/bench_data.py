@@ -10,7 +10,7 @@ Measures, in the synthetic world (built on first use):
    MLP mapper) on batches from that loader; the loader must deliver at least 10× this.
 
 Run:
-    .venv/bin/python benchmarks/bench_data.py [--images 1000] [--workers 0,2] [--threads 1] [--device cpu]
+    .venv/bin/python -m benchmarks.bench_data [--images 1000] [--workers 0,2] [--threads 1] [--device cpu]
         [--write docs/benchmarks.md]
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench_captioner import (
+from benchmarks.bench_captioner import (
     figure,
     load_average,
     machine_description,
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"loader / training = {ratio:.0f}× (target ≥ {LOADER_TARGET:.0f}×: {verdict})")
 
-    command = "python benchmarks/bench_data.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m benchmarks.bench_data " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     block = "\n".join(
         [
             f"### Data, {args.device}",

@@ -14,7 +14,7 @@ around the calls the objective makes:
 The mapper and the LM are both trained, as in the paper. Median over the timed steps after a warm-up.
 
 Run:
-    .venv/bin/python benchmarks/bench_discritune.py [--shapes small,gpt2-small] [--batch 100] [--steps 2]
+    .venv/bin/python -m benchmarks.bench_discritune [--shapes small,gpt2-small] [--batch 100] [--steps 2]
         [--threads 1] [--device cpu|cuda] [--write docs/benchmarks.md]
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from bench_captioner import (
+from benchmarks.bench_captioner import (
     SHAPES,
     figure,
     load_average,
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             + f" | {figure(total)} s | {100 * share:.0f} % |"
         )
         print(lines[-1], flush=True)
-    command = "python benchmarks/bench_discritune.py " + " ".join(
+    command = "python -m benchmarks.bench_discritune " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
     )
     block = "\n".join(

@@ -12,7 +12,7 @@ image), renders them, extracts their features with the world's CLIP, then times,
 4. ``report.html`` with 5,000 embedded thumbnails.
 
 Run:
-    .venv/bin/python benchmarks/bench_evaluation.py [--ckpt runs/demo/.../best.ckpt] [--images 5000]
+    .venv/bin/python -m benchmarks.bench_evaluation [--ckpt runs/demo/.../best.ckpt] [--images 5000]
         [--threads 1] [--write docs/benchmarks.md]
 """
 
@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-from bench_captioner import figure, load_average, machine_description, quiet_libraries, write_markdown
+from benchmarks.bench_captioner import (
+    figure,
+    load_average,
+    machine_description,
+    quiet_libraries,
+    write_markdown,
+)
 from clipcap.clip import ClipEncoder
 from clipcap.data.records import ImageEntry
 from clipcap.features import FeatureCache
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         report_mb = report.stat().st_size / 2**20
 
     evaluation = [seconds for what, seconds in rows if "setup" not in what and what != "generation, greedy"]
-    command = "python benchmarks/bench_evaluation.py " + " ".join(
+    command = "python -m benchmarks.bench_evaluation " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
     )
     block = "\n".join(

@@ -26,7 +26,7 @@ The parameters' gradients (allocated in backward; the same for both settings) ar
 given separately.
 
 Run:
-    .venv/bin/python benchmarks/bench_gumbel_memory.py [--shape gpt2-small|small] [--batch 32]
+    .venv/bin/python -m benchmarks.bench_gumbel_memory [--shape gpt2-small|small] [--batch 32]
         [--tokens 20] [--threads 2] [--device cpu|cuda] [--write docs/benchmarks.md]
 """
 
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from bench_captioner import (
+from benchmarks.bench_captioner import (
     SHAPES,
     figure,
     load_average,
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     python = os.path.relpath(sys.executable)
     python = sys.executable if python.startswith("..") else python
     command = shlex.join(
-        [python, "benchmarks/bench_gumbel_memory.py", *(sys.argv[1:] if argv is None else argv)]
+        [python, "-m", "benchmarks.bench_gumbel_memory", *(sys.argv[1:] if argv is None else argv)]
     )
     block = "\n".join(
         [

@@ -37,7 +37,7 @@ A full GPU run (32 settings, each with its batch search) takes tens of minutes; 
 (``--dtypes float16 --quantization none``) to split it.
 
 Run:
-    .venv/bin/python benchmarks/bench_llama_lora.py [--shape 7b|tiny] [--dtypes float16,bfloat16]
+    .venv/bin/python -m benchmarks.bench_llama_lora [--shape 7b|tiny] [--dtypes float16,bfloat16]
         [--checkpointing off,on] [--quantization none,8bit] [--objectives ce,discritune]
         [--mapper-hidden clipcap,narrow] [--batch 8] [--max-batch N] [--steps 3] [--threads 1]
         [--scratch DIR] [--write docs/benchmarks.md]
@@ -66,7 +66,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from bench_captioner import (
+from benchmarks.bench_captioner import (
     figure,
     load_average,
     machine_description,
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     receiver_parameters = receiver_parameter_count(shape.receiver)
     load_before = load_average()
     command = shlex.join(
-        ["python", "benchmarks/bench_llama_lora.py", *(sys.argv[1:] if argv is None else argv)]
+        ["python", "-m", "benchmarks.bench_llama_lora", *(sys.argv[1:] if argv is None else argv)]
     )
     now = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     settings_line = (

@@ -20,7 +20,7 @@ For the two GPT-2 shapes of ``bench_captioner.py`` with random weights (``small`
 The block it writes (``--write``) replaces the one between ``<!-- bench:suite-DEVICE -->`` markers.
 
 Run:
-    .venv/bin/python benchmarks/bench_suite.py [--shapes small,gpt2-small] [--threads 1] [--device cpu|cuda]
+    .venv/bin/python -m benchmarks.bench_suite [--shapes small,gpt2-small] [--threads 1] [--device cpu|cuda]
         [--quick] [--only training,generation,discritune,gumbel,extraction] [--write docs/benchmarks.md]
 """
 
@@ -45,7 +45,7 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 import clipcap.gumbel
 import clipcap.objectives.gumbel_clip
-from bench_captioner import (
+from benchmarks.bench_captioner import (
     BEAMS,
     CLIP_DIM,
     FULL,
@@ -70,9 +70,9 @@ from bench_captioner import (
     training_settings,
     write_markdown,
 )
-from bench_data import bench_extraction, time_extraction
-from bench_discritune import PARTS as DISCRITUNE_PARTS
-from bench_discritune import bench_shape as bench_discritune
+from benchmarks.bench_data import bench_extraction, time_extraction
+from benchmarks.bench_discritune import PARTS as DISCRITUNE_PARTS
+from benchmarks.bench_discritune import bench_shape as bench_discritune
 from clipcap.captioner import ClipCaptioner
 from clipcap.clip import ClipEncoder, load_clip_tokenizer, load_vocabulary_bridge
 from clipcap.data.batch import CaptionBatch

@@ -2,7 +2,7 @@
 several seeds, each tested like the cross-entropy model (beam 5, the whole test split).
 
 Run (after ``make demo``, whose cross-entropy checkpoint it starts from by default):
-    .venv/bin/python experiments/discritune_synthetic.py [--ce_checkpoint CKPT] [--seeds 0,1,2]
+    .venv/bin/python -m experiments.discritune_synthetic [--ce_checkpoint CKPT] [--seeds 0,1,2]
         [--write docs/results.md]
 """
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "lr": config["model"]["optimizer"]["init_args"]["lr"],
         "epochs": config["trainer"]["max_epochs"],
     }
-    command = "python experiments/discritune_synthetic.py " + " ".join(
+    command = "python -m experiments.discritune_synthetic " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
     )
     block = "\n".join(
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(block)
     if args.write:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-        from bench_captioner import write_markdown
+        from benchmarks.bench_captioner import write_markdown
 
         write_markdown(args.write, "discritune-synthetic", block)
 

@@ -4,7 +4,7 @@
 cross-entropy model on all labels (beam 5, the whole test split).
 
 Run (after ``make demo``, whose all-labels cross-entropy checkpoint is the comparison row by default):
-    .venv/bin/python experiments/gumbel_clip_synthetic.py [--ce_checkpoint CKPT] [--seeds 0,1,2]
+    .venv/bin/python -m experiments.gumbel_clip_synthetic [--ce_checkpoint CKPT] [--seeds 0,1,2]
         [--write docs/results.md]
 """
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     for stage in ("stage 1", "stage 2 (Gumbel-CLIP)"):
         lines.append(spread_row(stage, [rows[f"{stage} seed {seed}"] for seed in seeds], COLUMNS))
     objective = config["model"]["objective"]["init_args"]
-    command = "python experiments/gumbel_clip_synthetic.py " + " ".join(
+    command = "python -m experiments.gumbel_clip_synthetic " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
     )
     block = "\n".join(
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(block)
     if args.write:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-        from bench_captioner import write_markdown
+        from benchmarks.bench_captioner import write_markdown
 
         write_markdown(args.write, "gumbel-clip-synthetic", block)
 

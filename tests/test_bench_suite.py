@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench_suite():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import each other by file name
-    try:
-        yield importlib.import_module("bench_suite")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return importlib.import_module("benchmarks.bench_suite")
 
 
 def test_quick_run_writes_every_row_with_positive_figures(
