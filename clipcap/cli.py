@@ -27,6 +27,7 @@ import clipcap.objectives  # noqa: F401 - registers the objectives for short nam
 from clipcap.checkpoints import read_checkpoint
 from clipcap.console import quiet_third_party
 from clipcap.objectives.base import Objective
+from clipcap.pretrained import SYNTHETIC_SCHEME
 from clipcap.training.callbacks import default_progress_bar
 from clipcap.training.data import CaptionDataModule
 from clipcap.training.module import CaptionModule, NothingLearnt
@@ -231,11 +232,28 @@ def main(argv: list[str] | None = None) -> None:
     words = list(sys.argv[1:] if argv is None else argv)
     command = words[0] if words and not words[0].startswith("-") else ""
     try:
+        if command not in ("", "world") and names_the_synthetic_world(words):
+            from clipcap.synthetic.world import ensure_world
+
+            ensure_world()  # resolving `synthetic:` names never builds it: the entry point does
         _run(words, argv is None)
     except (OSError, ValueError, NothingLearnt) as error:
         fail(command, error)
     finally:
         _leave_process_group()
+
+
+def names_the_synthetic_world(words: list[str]) -> bool:
+    """Whether a command's arguments, or the config files it is given (``--config``), name the synthetic
+    world: a ``synthetic:`` model name or the ``SyntheticCaptions`` data."""
+    texts = list(words)
+    for index, word in enumerate(words):
+        path = word.split("=", 1)[1] if word.startswith("--config=") else None
+        if word == "--config" and index + 1 < len(words):
+            path = words[index + 1]
+        if path and Path(path).is_file():
+            texts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
+    return any(SYNTHETIC_SCHEME in text or "SyntheticCaptions" in text for text in texts)
 
 
 def _leave_process_group() -> None:

@@ -2,27 +2,39 @@
 
 Real checkpoints are named as Hugging Face names (``openai/clip-vit-base-patch32``, ``gpt2``) or local
 folders and are passed through unchanged. Names of the form ``synthetic:<part>`` point into the embedded
-synthetic world (``synthetic:clip``, ``synthetic:lm``); the world is built on first use and its parts are
-ordinary Hugging Face folders, so they load through exactly the same code path as real checkpoints.
+synthetic world (``synthetic:clip``, ``synthetic:lm``), whose parts are ordinary Hugging Face folders, so they
+load through exactly the same code path as real checkpoints. Resolving a name never builds anything: the
+world is built by the entry points (``clipcap world``, and ``clipcap`` commands whose arguments or configs
+name it, ``make demo``, the tests' session fixture).
 """
 
 from __future__ import annotations
+
+from clipcap.synthetic.location import BUILD_COMMAND, default_world_dir, is_complete_world
 
 SYNTHETIC_SCHEME = "synthetic:"
 
 
 def resolve_pretrained(name: str) -> str:
-    """Returns a Hugging Face name or local folder for ``name``, building the synthetic world if needed.
+    """Returns a Hugging Face name or local folder for ``name``.
 
     Args:
         name: a Hugging Face name, a local folder, or ``synthetic:<part>``.
+
+    Raises:
+        FileNotFoundError: ``synthetic:<part>`` while the world is not built (naming the command that
+            builds it), or a part the world does not have.
     """
     if not name.startswith(SYNTHETIC_SCHEME):
         return name
-    from clipcap.synthetic.world import ensure_world
-
+    world = default_world_dir()
+    if not is_complete_world(world):
+        raise FileNotFoundError(
+            f"{name!r} names a part of the synthetic world, which is not built at {world}: build it with "
+            f"`{BUILD_COMMAND}` (a few minutes on a CPU, once; `make demo` builds it too)"
+        )
     part = name[len(SYNTHETIC_SCHEME) :]
-    folder = ensure_world() / part
+    folder = world / part
     if not folder.is_dir():
         raise FileNotFoundError(f"{name!r}: the synthetic world has no part {part!r} (looked in {folder})")
     return str(folder)

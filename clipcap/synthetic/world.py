@@ -45,6 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from clipcap.files import replace_folder
+from clipcap.synthetic.location import (  # noqa: F401 - the locating names are also this module's
+    WORLD_DIR_NAME,
+    WORLD_FILE,
+    WORLD_VERSION,
+    default_world_dir,
+    is_complete_world,
+    read_world_info,
+)
 from clipcap.synthetic.scenes import Scene, describe_scene, generate_captions, generate_scene, render_scene
 
 if TYPE_CHECKING:
@@ -54,10 +62,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-WORLD_VERSION = 1
-"""Bumped whenever a change to the generator or the build makes older worlds incompatible."""
-WORLD_DIR_NAME = f"synthetic-world-v{WORLD_VERSION}"
-WORLD_FILE = "world.json"
+
 ANNOTATIONS_FILE = "annotations.json"
 IMAGES_DIR = "images"
 CLIP_DIR = "clip"
@@ -209,33 +214,6 @@ class SceneRecord:
 
 
 # ---------------------------------------------------------------------------------------------- locating
-
-
-def default_world_dir() -> Path:
-    """Where the world lives: ``$CLIPCAP_WORLD``, else ``$CLIPCAP_CACHE/synthetic-world-v1``, else
-    ``~/.cache/clipcap/synthetic-world-v1``."""
-    if os.environ.get("CLIPCAP_WORLD"):
-        return Path(os.environ["CLIPCAP_WORLD"]).expanduser()
-    if os.environ.get("CLIPCAP_CACHE"):
-        return Path(os.environ["CLIPCAP_CACHE"]).expanduser() / WORLD_DIR_NAME
-    return Path.home() / ".cache" / "clipcap" / WORLD_DIR_NAME
-
-
-def read_world_info(world_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The contents of ``world.json`` if ``world_dir`` holds a complete world of this version, else None."""
-    path = Path(world_dir) / WORLD_FILE
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or info.get("version") != WORLD_VERSION or not info.get("complete"):
-        return None
-    return info
-
-
-def is_complete_world(world_dir: str | os.PathLike[str]) -> bool:
-    """Whether ``world_dir`` holds a complete world of the current version."""
-    return read_world_info(world_dir) is not None
 
 
 def ensure_world(world_dir: str | os.PathLike[str] | None = None) -> Path:
