@@ -1,6 +1,6 @@
 """``python -m clipcap``: the same as the ``clipcap`` command."""
 
-from clipcap.cli import main
+from clipcap.commands import main
 
 if __name__ == "__main__":
     main()

@@ -14,18 +14,17 @@ A frozen LM (or LoRA's base) is named, not copied. :func:`load_exported` rebuild
 folder. The folder is written under a temporary name and renamed when complete, so an interrupted export
 leaves no half-written folder behind.
 
-Run: ``clipcap export --ckpt run/checkpoints/best.ckpt --out exported/ [--merged]``.
+The command is ``clipcap export --ckpt run/checkpoints/best.ckpt --out exported/ [--merged]``
+(:mod:`clipcap.commands.export`).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import ArgumentParser
 from safetensors.torch import load_file, save_file
 
@@ -119,14 +118,3 @@ def load_exported(folder: str | Path, merged: bool = False) -> ClipCaptioner:
 
 def _lm_args(config: dict[str, Any]) -> dict[str, Any]:
     return config["init_args"]["language_model"].setdefault("init_args", {})
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="clipcap export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a checkpoint written by `clipcap fit`")
-    parser.add_argument("--out", required=True, help="the export folder to create")
-    parser.add_argument("--merged", action="store_true", help="also write the LoRA-merged LM")
-    args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
-    folder = export_checkpoint(args.ckpt, args.out, merged=args.merged)
-    print(f"[export] wrote {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())))

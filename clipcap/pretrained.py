@@ -10,9 +10,9 @@ name it, ``make demo``, the tests' session fixture).
 
 from __future__ import annotations
 
-from clipcap.synthetic.location import BUILD_COMMAND, default_world_dir, is_complete_world
+from clipcap.synthetic.location import BUILD_COMMAND, SYNTHETIC_SCHEME, default_world_dir, is_complete_world
 
-SYNTHETIC_SCHEME = "synthetic:"
+__all__ = ["SYNTHETIC_SCHEME", "resolve_pretrained"]
 
 
 def resolve_pretrained(name: str) -> str:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from clipcap.cli import lightning_cli
 from clipcap.training import CaptionEvaluation
+from clipcap.training.cli import lightning_cli
 
 DT_CONFIG = "lightning_configs/synthetic/discritune.yaml"
 CE_CONFIG = "lightning_configs/synthetic/ce.yaml"

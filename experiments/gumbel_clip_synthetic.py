@@ -22,7 +22,7 @@ import torch
 import yaml
 from discritune_synthetic import CE_CONFIG, QUIET, latest_checkpoint, metrics_table, spread_row, test_metrics
 
-from clipcap.cli import lightning_cli
+from clipcap.training.cli import lightning_cli
 
 GUMBEL_CONFIG = "lightning_configs/synthetic/gumbel_clip.yaml"
 STAGE1_EPOCHS = 20

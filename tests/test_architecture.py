@@ -120,7 +120,7 @@ def test_resolving_a_synthetic_name_builds_nothing(tmp_path: Path, monkeypatch: 
 
 
 def test_the_entry_point_builds_the_world_when_its_arguments_name_it(tmp_path: Path) -> None:
-    from clipcap.cli import names_the_synthetic_world
+    from clipcap.synthetic.location import names_the_synthetic_world
 
     config = tmp_path / "config.yaml"
     config.write_text(

@@ -21,6 +21,7 @@ from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
 from clipcap.blip import BlipCaptioner, BlipImageEncoder, BlipImagePreprocessor, BlipTextDecoder
 from clipcap.clip.encoder import ClipEncoder
+from clipcap.commands.features import main as features_main
 from clipcap.data.batch import collate_caption_batch
 from clipcap.data.images import load_image
 from clipcap.features.encoders import load_image_encoder
@@ -30,7 +31,6 @@ from clipcap.objectives.cross_entropy import token_cross_entropy
 from clipcap.synthetic.world import FEATURES_DIR, load_annotations
 from clipcap.training import CaptionModule, SyntheticCaptions
 from clipcap.training.data import CaptionImages
-from clipcap.training.features import main as features_main
 from reference_images import all_on_white
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,7 +239,7 @@ def test_pooled_or_foreign_features_are_refused(blip_dir: str, tmp_path: Path) -
         captioner.generate_ids(torch.randn(2, 17, captioner.clip_dim + 1))
     with pytest.raises(ValueError, match="clip_model"):
         BlipCaptioner(captioner.lm, clip_dim=captioner.clip_dim + 1)
-    with pytest.raises(SystemExit, match="--grid"):
+    with pytest.raises(ValueError, match="--grid"):
         features_main(
             ["--config", DT_CONFIG, "--splits", "val", "--no_progress", f"--data.init_args.clip_model={blip_dir}",
              f"--data.init_args.features_dir={tmp_path}"]
@@ -375,7 +375,7 @@ def test_the_shipped_blip_config_trains(
 ) -> None:
     """The shipped config with its data, receiver and scoring CLIP pointed at the tiny world and its BLIP; every
     other option (the decoder named by interpolation of the data's checkpoint, the prompt) as shipped."""
-    from clipcap.cli import lightning_cli
+    from clipcap.training.cli import lightning_cli
 
     config = yaml.safe_load(BLIP_CONFIG.read_text())
     config["data"] = {
@@ -404,7 +404,7 @@ def test_the_shipped_blip_config_trains(
     assert torch.isfinite(cli.trainer.callback_metrics["train/reward"])
 
     # `clipcap caption` on image files: BLIP's ViT (named by the checkpoint's data) encodes them.
-    from clipcap.training.caption import caption_images, checkpoint_test_decoding
+    from clipcap.commands.caption import caption_images, checkpoint_test_decoding
 
     checkpoint = tmp_path / "run.ckpt"
     cli.trainer.save_checkpoint(checkpoint)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 import sys
 import types
 import warnings
@@ -24,13 +25,14 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipcap.captioner import ClipCaptioner
-from clipcap.cli import main as clipcap_main
+from clipcap.checkpoints import read_checkpoint
+from clipcap.commands import main as clipcap_main
+from clipcap.commands.convert import main as convert_main
 from clipcap.convert import (
     DISCRITUNE_PREFIX,
     gpt2_config,
     load_converted_mapper,
     openai_clip_to_hf,
-    read_checkpoint,
     read_original_captioner,
     state_dict_of,
 )
@@ -389,13 +391,11 @@ def test_discritune_checkpoints_convert(mlp_clipcap, gpt2_folder, tmp_path: Path
 def test_clipcap_command_points_a_discritune_game_to_its_command(mlp_clipcap, tmp_path: Path) -> None:
     torch.save(discritune_game_state_dict(mlp_clipcap, added_rows=4), tmp_path / "game.pt")
     with pytest.raises(
-        SystemExit,
+        ValueError,
         match=r"game\.pt: not a ClipCap or DiscriTune checkpoint: .* at the top level; they are under "
         r"'sender\.clipcap\.' \(`clipcap convert discritune`\)",
     ):
-        clipcap_main(
-            ["convert", "clipcap", "--checkpoint", str(tmp_path / "game.pt"), "--out", str(tmp_path / "o")]
-        )
+        convert_main(["clipcap", "--checkpoint", str(tmp_path / "game.pt"), "--out", str(tmp_path / "o")])
 
 
 # --- errors -------------------------------------------------------------------------------------------------
@@ -515,15 +515,13 @@ def test_a_failed_conversion_leaves_no_folder_and_a_folder_in_use_is_refused(
 ) -> None:
     """The output is written under a temporary name and renamed only when complete."""
     out = tmp_path / "converted"
-    with pytest.raises(SystemExit, match="n_head"):  # width 32: GPT-2's head count cannot be inferred
-        clipcap_main(["convert", "clipcap", "--checkpoint", str(mlp_checkpoint), "--out", str(out)])
+    with pytest.raises(ValueError, match="n_head"):  # width 32: GPT-2's head count cannot be inferred
+        convert_main(["clipcap", "--checkpoint", str(mlp_checkpoint), "--out", str(out)])
     assert list(tmp_path.iterdir()) == []
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(SystemExit, match="not empty"):
-        clipcap_main(
-            ["convert", "clipcap", "--checkpoint", str(mlp_checkpoint), "--out", str(out), "--n_head", "4"]
-        )
+    with pytest.raises(OSError, match="not empty"):
+        convert_main(["clipcap", "--checkpoint", str(mlp_checkpoint), "--out", str(out), "--n_head", "4"])
     assert (out / "mine.txt").read_text() == "keep me"
 
 
@@ -666,7 +664,7 @@ def test_openai_clip_torchscript_archive_converts(openai_clip, tmp_path: Path) -
     assert_same_clip(hf_model, openai_clip)
 
 
-def test_bad_clip_checkpoints_are_named(openai_clip, tmp_path: Path) -> None:
+def test_bad_clip_checkpoints_are_named(openai_clip, tmp_path: Path, capsys) -> None:
     weights = dict(openai_clip.state_dict())
     resnet = weights | {"visual.layer1.0.conv1.weight": torch.zeros(4, 4, 1, 1)}
     with pytest.raises(
@@ -684,10 +682,12 @@ def test_bad_clip_checkpoints_are_named(openai_clip, tmp_path: Path) -> None:
     ):
         openai_clip_to_hf(no_bias, "x.pt")
     torch.save(weights | {"visual.layer1.0.conv1.weight": torch.zeros(1)}, tmp_path / "RN50.pt")
-    with pytest.raises(SystemExit, match="clipcap convert clip: .*RN50.pt: a ResNet CLIP"):
+    with pytest.raises(SystemExit) as stopped:
         clipcap_main(
             ["convert", "clip", "--checkpoint", str(tmp_path / "RN50.pt"), "--out", str(tmp_path / "o")]
         )
+    assert stopped.value.code == 1
+    assert re.fullmatch(r"clipcap convert: .*RN50\.pt: a ResNet CLIP.*\n", capsys.readouterr().err)
 
 
 def test_gpt2_config_from_a_folder_must_be_gpt2(tmp_path: Path) -> None:

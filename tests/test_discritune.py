@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipcap.cli import lightning_cli
 from clipcap.compat import enable_activation_checkpointing
 from clipcap.data.batch import collate_caption_batch
 from clipcap.generation import DecodingConfig
@@ -31,6 +30,7 @@ from clipcap.objectives.rewards import (
     reinforce_loss,
 )
 from clipcap.training import CaptionModule, SyntheticCaptions
+from clipcap.training.cli import lightning_cli
 from clipcap.training.data import CaptionImages
 from tiny_models import tiny_captioner
 
@@ -427,7 +427,7 @@ def test_global_distractors_under_two_process_ddp(
 @pytest.fixture(scope="module")
 def other_receiver(world_batch, tmp_path_factory: pytest.TempPathFactory):
     """A second CLIP (another architecture and embedding size) with its own caches of the tiny world."""
-    from clipcap.training.features import main as features_main
+    from clipcap.commands.features import main as features_main
     from tiny_models import tiny_clip_model
 
     root = tmp_path_factory.mktemp("receiver")

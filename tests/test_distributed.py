@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from clipcap.cli import lightning_cli
+from clipcap.training.cli import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "lightning_configs" / "synthetic"

@@ -15,10 +15,10 @@ import torch
 import yaml
 
 import clipcap
-from clipcap.cli import lightning_cli
+from clipcap.commands.caption import caption_images, checkpoint_test_decoding
 from clipcap.generation import DecodingConfig
 from clipcap.training import CaptionEvaluation, SyntheticCaptions
-from clipcap.training.caption import caption_images, checkpoint_test_decoding
+from clipcap.training.cli import lightning_cli
 from clipcap.training.evaluation import score_captions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_caption_command_matches_cached_features(trained: Path, tiny_world: Path
 def test_caption_command_captions_the_readable_images_and_names_the_others(
     trained: Path, tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from clipcap.training.caption import main as caption_main
+    from clipcap.commands.caption import main as caption_main
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
@@ -207,7 +207,7 @@ def test_a_different_scoring_clip_reads_its_own_features(
 ) -> None:
     from transformers import CLIPModel
 
-    from clipcap.training.features import main as features_main
+    from clipcap.commands.features import main as features_main
 
     other = tmp_path / "other_clip"
     torch.manual_seed(7)

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipcap.cli import lightning_cli
 from clipcap.data.batch import collate_caption_batch
 from clipcap.gumbel import GumbelRollout, gumbel_rollout
 from clipcap.objectives import GumbelClip
 from clipcap.training import CaptionModule, SyntheticCaptions
+from clipcap.training.cli import lightning_cli
 from clipcap.training.data import CaptionImages, CaptionPairs
 from tiny_models import tiny_captioner
 

@@ -13,7 +13,6 @@ import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
 from clipcap.captioner import CaptionTokens, ClipCaptioner
-from clipcap.cli import lightning_cli
 from clipcap.data.batch import CaptionBatch
 from clipcap.export import export_checkpoint, load_exported
 from clipcap.generation import DecodingConfig
@@ -23,6 +22,7 @@ from clipcap.mapper import MLPMapper
 from clipcap.objectives import CrossEntropy
 from clipcap.objectives.reference import WithoutAdapters
 from clipcap.training import CaptionModule
+from clipcap.training.cli import lightning_cli
 from tiny_models import save_tiny_gpt2, save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from clipcap.cli import lightning_cli
 from clipcap.features.cache import FEATURES_FILE, FeatureCache, FeatureCacheError
 from clipcap.objectives import CrossEntropy
 from clipcap.objectives.base import ObjectiveOutput
+from clipcap.training.cli import lightning_cli
 from clipcap.training.module import NothingLearnt
 
 ROOT = Path(__file__).resolve().parents[1]

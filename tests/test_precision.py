@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from clipcap.cli import lightning_cli
 from clipcap.data.batch import collate_caption_batch
 from clipcap.generation import DecodingConfig
 from clipcap.gumbel import GumbelRollout
@@ -31,6 +30,7 @@ from clipcap.objectives.rewards import (
     hard_negative_indices,
 )
 from clipcap.training import SyntheticCaptions
+from clipcap.training.cli import lightning_cli
 from clipcap.training.data import CaptionImages, CaptionPairs
 from tiny_models import tiny_captioner
 

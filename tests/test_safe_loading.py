@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from clipcap.checkpoints import CheckpointError, read_checkpoint
-from clipcap.cli import lightning_cli, objective_names
+from clipcap.training.cli import lightning_cli, objective_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CE_CONFIG = str(ROOT / "lightning_configs" / "synthetic" / "ce.yaml")
@@ -108,8 +108,8 @@ def test_clipcap_checkpoints_and_state_dicts_load(trained: Path, tmp_path: Path)
 def test_caption_init_from_and_export_refuse_the_payload(
     poisoned: tuple[Path, Path], tiny_world: Path, tmp_path: Path
 ) -> None:
+    from clipcap.commands.caption import caption_images
     from clipcap.export import export_checkpoint
-    from clipcap.training.caption import caption_images
 
     path, marker = poisoned
     with pytest.raises(CheckpointError, match="--ckpt .*refused"):
@@ -193,7 +193,7 @@ def test_a_read_only_features_dir_gives_one_line(
 ) -> None:
     """As a user (not root, who may write anywhere), the folder is made read-only; as root, creating
     anything inside it is made to fail as the kernel would for that user."""
-    from clipcap.cli import main
+    from clipcap.commands import main
 
     features_dir = tmp_path / "features"
     features_dir.mkdir()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipcap.commands import world as world_command
 from clipcap.synthetic import scenes, world
 from clipcap.synthetic.scenes import (
     KIND_SYNONYMS,
@@ -330,7 +331,7 @@ def test_two_concurrent_first_uses_build_the_world_once(
 
     def first_use() -> None:
         try:
-            world.main(["--dir", str(target), "--tiny"])
+            world_command.main(["--dir", str(target), "--tiny"])
         except BaseException as error:  # noqa: BLE001 - reported by the assertion below
             errors.append(error)
 

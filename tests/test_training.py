@@ -15,13 +15,13 @@ import torch
 import yaml
 
 from clipcap.captioner import ClipCaptioner
-from clipcap.cli import lightning_cli
 from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper
 from clipcap.objectives import CrossEntropy
 from clipcap.training import CaptionModule, SyntheticCaptions
+from clipcap.training.cli import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CE_CONFIG = str(REPO / "lightning_configs" / "synthetic" / "ce.yaml")

@@ -13,6 +13,8 @@ WORLD_VERSION = 1
 """Bumped whenever a change to the generator or the build makes older worlds incompatible."""
 WORLD_DIR_NAME = f"synthetic-world-v{WORLD_VERSION}"
 WORLD_FILE = "world.json"
+SYNTHETIC_SCHEME = "synthetic:"
+"""Model names with this prefix (``synthetic:clip``, ``synthetic:lm``) name the world's models."""
 BUILD_COMMAND = "clipcap world"
 """How a user builds the world (``make demo`` builds it too)."""
 
@@ -42,3 +44,16 @@ def read_world_info(world_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 def is_complete_world(world_dir: str | os.PathLike[str]) -> bool:
     """Whether ``world_dir`` holds a complete world of the current version."""
     return read_world_info(world_dir) is not None
+
+
+def names_the_synthetic_world(words: list[str]) -> bool:
+    """Whether a command's arguments, or the config files it is given (``--config``), name the synthetic
+    world: a ``synthetic:`` model name or the ``SyntheticCaptions`` data."""
+    texts = list(words)
+    for index, word in enumerate(words):
+        path = word.split("=", 1)[1] if word.startswith("--config=") else None
+        if word == "--config" and index + 1 < len(words):
+            path = words[index + 1]
+        if path and Path(path).is_file():
+            texts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
+    return any(SYNTHETIC_SCHEME in text or "SyntheticCaptions" in text for text in texts)

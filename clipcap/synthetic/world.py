@@ -20,12 +20,11 @@ build never leaves a half world under the final name; concurrent builders serial
 
 Usage::
 
-    python -m clipcap.synthetic.world [--dir DIR] [--tiny] [--force]
+    clipcap world [--dir DIR] [--tiny] [--force]     (clipcap.commands.world)
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -885,52 +884,3 @@ def write_features(folder: Path, records: Sequence[SceneRecord], spec: WorldSpec
         if reports[-1].skipped:
             raise RuntimeError(f"the world's own images failed to load: {reports[-1].skipped[:3]}")
     write_summary(folder / FEATURES_DIR, reports, dropped_empty_captions={split: 0 for split in SPLITS})
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """Builds the synthetic world (``python -m clipcap.synthetic.world``) and prints where it is.
-
-    Args:
-        argv: command-line arguments; ``sys.argv[1:]`` if None.
-
-    Returns:
-        The world folder.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m clipcap.synthetic.world",
-        description="Build the synthetic world: images, captions, a tiny CLIP, a tiny LM and CLIP features.",
-    )
-    parser.add_argument(
-        "--dir",
-        type=Path,
-        default=None,
-        help=f"world folder (default: $CLIPCAP_WORLD, else $CLIPCAP_CACHE/{WORLD_DIR_NAME}, "
-        f"else ~/.cache/clipcap/{WORLD_DIR_NAME})",
-    )
-    parser.add_argument(
-        "--tiny", action="store_true", help="build the tiny test world instead of the default"
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if a complete world is there")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-
-    world_dir = args.dir if args.dir is not None else default_world_dir()
-    build_world(world_dir, WorldSpec.tiny() if args.tiny else WorldSpec.default(), force=args.force)
-    info = read_world_info(world_dir)
-    metrics = info["metrics"] if info else {}
-    print(f"synthetic world: {world_dir}")
-    if metrics:
-        print(
-            f"CLIP R@1 (text→image, {metrics['clip_retrieval_block']} test images): "
-            f"descriptions {100 * metrics['clip_description_r1']:.1f}%, "
-            f"captions {100 * metrics['clip_caption_r1']:.1f}%; "
-            f"LM loss {metrics['lm_loss']:.3f} (val {metrics['lm_val_loss']:.3f})"
-        )
-    return world_dir
-
-
-if __name__ == "__main__":
-    main()

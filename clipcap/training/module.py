@@ -16,14 +16,10 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from clipcap.captioner import Captioner
 from clipcap.checkpoints import read_checkpoint
 from clipcap.data.batch import CaptionBatch
+from clipcap.errors import NothingLearnt
 from clipcap.generation import DecodingConfig
 from clipcap.objectives.base import Objective
 from clipcap.training.schedules import WarmupLinearDecay
-
-
-class NothingLearnt(RuntimeError):
-    """Every training step of an epoch was skipped: the run cannot learn, and stops instead of writing
-    checkpoints of an untrained model."""
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:

@@ -1,23 +1,19 @@
-"""The ``clipcap`` command.
-
-``clipcap fit|validate|test|predict --config lightning_configs/<x>.yaml [--overrides]`` is a LightningCLI
-over ``CaptionModule`` and any ``CaptionDataModule``; YAML may use OmegaConf interpolation (``${...}``).
-``clipcap features --config ...`` extracts and caches the config's CLIP image features, ``clipcap caption
---ckpt ... IMAGE...`` captions image files, ``clipcap world``
-builds the synthetic world, ``clipcap demo`` runs the main job on it.
+"""The Lightning wiring of the ``clipcap`` command: ``clipcap fit|validate|test|predict --config
+lightning_configs/<x>.yaml [--overrides]`` is a LightningCLI over ``CaptionModule`` and any
+``CaptionDataModule``; YAML may use OmegaConf interpolation (``${...}``). :class:`DataOnlyCLI` reads a
+training config with the same parser and builds only its datamodule (``clipcap features``).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import sys
-import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as LightningProgressBar
@@ -25,15 +21,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import clipcap.objectives  # noqa: F401 - registers the objectives for short names on the command line
 from clipcap.checkpoints import read_checkpoint
-from clipcap.console import quiet_third_party
 from clipcap.objectives.base import Objective
-from clipcap.pretrained import SYNTHETIC_SCHEME
 from clipcap.training.callbacks import default_progress_bar
 from clipcap.training.data import CaptionDataModule
-from clipcap.training.module import CaptionModule, NothingLearnt
-
-TRACEBACK_VARIABLE = "CLIPCAP_TRACEBACK"
-"""Set it (to anything) to see the full traceback of an error the command otherwise gives in one line."""
+from clipcap.training.module import CaptionModule
 
 
 def objective_names() -> list[str]:
@@ -189,6 +180,24 @@ def _import(class_path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def cli_options(run: bool = True, prog: str | None = None) -> dict[str, Any]:
+    """The LightningCLI arguments every clipcap CLI shares (besides ``args`` and ``run``)."""
+    parser_kwargs: dict[str, Any] = {"parser_mode": "omegaconf"}
+    if not run:
+        parser_kwargs["exit_on_error"] = False
+    if prog is not None:
+        parser_kwargs["prog"] = prog
+    return {
+        "model_class": CaptionModule,
+        "datamodule_class": CaptionDataModule,
+        "parser_class": ClipcapArgumentParser,
+        "subclass_mode_data": True,
+        "auto_configure_optimizers": False,
+        "parser_kwargs": parser_kwargs,
+        "save_config_kwargs": {"overwrite": True},
+    }
+
+
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> ClipcapCLI:
     """Runs (or, with ``run=False``, only builds) the LightningCLI on ``args``.
 
@@ -197,97 +206,46 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> ClipcapCLI
     """
     if not run and args and args[0] in ClipcapCLI.subcommands():
         args = args[1:]
-    return ClipcapCLI(
-        CaptionModule,
-        CaptionDataModule,
-        parser_class=ClipcapArgumentParser,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        parser_kwargs={"parser_mode": "omegaconf"}
-        if run
-        else {"parser_mode": "omegaconf", "exit_on_error": False},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    return ClipcapCLI(**cli_options(run), args=args, run=run)
 
 
-_EXTRA_COMMANDS = {
-    "world": "clipcap.synthetic.world:main",
-    "demo": "clipcap.demo:main",
-    "features": "clipcap.training.features:main",
-    "caption": "clipcap.training.caption:main",
-    "convert": "clipcap.convert:main",
-    "export": "clipcap.export:main",
-}
+def main(argv: list[str]) -> ClipcapCLI:
+    """``clipcap fit|validate|test|predict ...``: ``argv`` starts with the subcommand."""
+    return lightning_cli(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``clipcap`` console script and ``python -m clipcap``.
+class DataOnlyCLI(ClipcapCLI):
+    """Reads a training config as ``clipcap fit`` does (several ``--config`` files, OmegaConf interpolation,
+    dotted overrides such as ``--data.init_args.features_dir=...``), with the options ``add_options``
+    declares besides, and builds only its datamodule (``self.datamodule``): the model and the trainer are
+    never instantiated, so no weights load.
 
-    An expected failure (a missing, unreadable or unsafe file, a permission, an invalid value) ends the
-    command with one line on stderr and exit status 1; ``CLIPCAP_TRACEBACK=1`` shows the traceback.
+    The ``data`` and ``trainer`` sections are parsed and checked exactly as ``fit`` parses them; the
+    ``model`` section is read as a plain mapping (so a data-only config is enough, and interpolation from
+    ``model`` still resolves), since nothing here builds it.
     """
-    quiet_third_party()
-    words = list(sys.argv[1:] if argv is None else argv)
-    command = words[0] if words and not words[0].startswith("-") else ""
-    try:
-        if command not in ("", "world") and names_the_synthetic_world(words):
-            from clipcap.synthetic.world import ensure_world
 
-            ensure_world()  # resolving `synthetic:` names never builds it: the entry point does
-        _run(words, argv is None)
-    except (OSError, ValueError, NothingLearnt) as error:
-        fail(command, error)
-    finally:
-        _leave_process_group()
+    def __init__(
+        self, args: list[str], add_options: Callable[[LightningArgumentParser], None], prog: str
+    ) -> None:
+        self._add_options = add_options
+        super().__init__(
+            **cli_options(run=True, prog=prog), seed_everything_default=False, args=args, run=False
+        )
 
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.add_argument("--model", type=dict | None, default=None, help="read, not built")
+        parser.add_lightning_class_args(self.datamodule_class, "data", subclass_mode=self.subclass_mode_data)
 
-def names_the_synthetic_world(words: list[str]) -> bool:
-    """Whether a command's arguments, or the config files it is given (``--config``), name the synthetic
-    world: a ``synthetic:`` model name or the ``SyntheticCaptions`` data."""
-    texts = list(words)
-    for index, word in enumerate(words):
-        path = word.split("=", 1)[1] if word.startswith("--config=") else None
-        if word == "--config" and index + 1 < len(words):
-            path = words[index + 1]
-        if path and Path(path).is_file():
-            texts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
-    return any(SYNTHETIC_SCHEME in text or "SyntheticCaptions" in text for text in texts)
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self._add_options(parser)  # and no link into the model section, which is not built
 
+    def before_instantiate_classes(self) -> None:
+        """No optimizer is built, so its settings are not checked here."""
 
-def _leave_process_group() -> None:
-    """Destroys the DDP process group a run set up (Lightning leaves it for reuse): left to interpreter
-    exit, its threads were seen to abort the process ("terminate called without an active exception",
-    torch 2.11, gloo) after a run that had succeeded."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def fail(command: str, error: BaseException) -> NoReturn:
-    """Ends the command with ``clipcap <command>: <what went wrong>`` and status 1 (the traceback too when
-    ``CLIPCAP_TRACEBACK`` is set)."""
-    if os.environ.get(TRACEBACK_VARIABLE):
-        traceback.print_exception(error)
-    print(f"clipcap {command}: {describe_error(error)}".replace("clipcap : ", "clipcap: "), file=sys.stderr)
-    raise SystemExit(1) from None
-
-
-def describe_error(error: BaseException) -> str:
-    """One line for an expected error: an OS error as ``<what>: <file>``, anything else as its message."""
-    if isinstance(error, OSError) and error.strerror and error.filename:
-        where = f"{error.filename} -> {error.filename2}" if error.filename2 else str(error.filename)
-        return f"{error.strerror}: {where}"
-    return str(error).strip() or type(error).__name__
-
-
-def _run(words: list[str], from_sys_argv: bool) -> None:
-    if words and words[0] in _EXTRA_COMMANDS:
-        module_name, function = _EXTRA_COMMANDS[words[0]].split(":")
-        module = importlib.import_module(module_name)
-        getattr(module, function)(words[1:])
-        return
-    if words and words[0] in ("-h", "--help"):
-        print("clipcap commands: fit validate test predict (LightningCLI), " + " ".join(_EXTRA_COMMANDS))
-    # LightningCLI reads sys.argv itself when given no args (and warns when given both).
-    lightning_cli(None if from_sys_argv else words)
+    def instantiate_classes(self) -> None:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_subclass_arguments(CaptionDataModule, "data", required=True)
+        data = parser.parse_object({"data": self.config.data.as_dict()})
+        self.datamodule = parser.instantiate_classes(data).data

@@ -14,17 +14,24 @@ are reported there too; the others are captioned, and the command exits 1 if any
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
+import json as _json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentParser
 
+from clipcap.checkpoints import read_checkpoint
+from clipcap.commands.parsing import call_with, function_parser
+from clipcap.data.images import ImageReadError, load_image
+from clipcap.features.encoders import load_image_encoder
 from clipcap.generation import DecodingConfig
+from clipcap.metrics.clip_scores import clip_score as clip_score_of
 from clipcap.training.evaluation import TEST_DECODING_KEY
+from clipcap.training.module import CaptionModule
 
 
 def checkpoint_clip(checkpoint: dict[str, Any]) -> tuple[str | None, bool]:
@@ -60,12 +67,6 @@ def caption_images(
         ValueError: no CLIP is known, or its feature size does not fit the checkpoint's mapper, or a
             decoding override is invalid.
     """
-    from clipcap.checkpoints import read_checkpoint
-    from clipcap.data.images import ImageReadError, load_image
-    from clipcap.features.encoders import load_image_encoder
-    from clipcap.metrics.clip_scores import clip_score as clip_score_of
-    from clipcap.training.module import CaptionModule
-
     checkpoint = read_checkpoint(checkpoint_path, "--ckpt")
     recorded_clip, grid = checkpoint_clip(checkpoint)
     clip_name = clip or recorded_clip
@@ -125,51 +126,37 @@ def caption_images(
     return [rows[path] for path in images]
 
 
-def _decoding_options(parser: argparse.ArgumentParser) -> list[str]:
-    """Adds one ``--<field>`` option per ``DecodingConfig`` field; returns their names."""
-    group = parser.add_argument_group("decoding (default: the checkpoint's test decoding)")
-    names = []
-    special = {"beam_ranking": (str, "RANKING"), "early_stopping": (_early_stopping, "true|false|never")}
-    for field in dataclasses.fields(DecodingConfig):
-        kind = type(field.default)
-        parse, metavar = special.get(field.name, (_boolean if kind is bool else kind, kind.__name__.upper()))
-        group.add_argument(f"--{field.name}", type=parse, default=None, metavar=metavar)
-        names.append(field.name)
-    return names
+def caption(
+    images: list[str],
+    ckpt: str,
+    clip: str | None = None,
+    device: str | None = None,
+    batch_size: int = 32,
+    clip_score: bool = False,
+    json: bool = False,
+    decoding_overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Caption image files with a trained checkpoint.
 
+    Args:
+        images: image files (JPEG, PNG, ...)
+        ckpt: a checkpoint written by ``clipcap fit``
+        clip: the CLIP to encode with (default: the checkpoint's)
+        device: cuda, cpu... (default: cuda if a GPU is seen, else cpu)
+        batch_size: images per forward pass
+        clip_score: also print each caption's CLIPScore
+        json: print one JSON list instead of lines
+        decoding_overrides: ``DecodingConfig`` fields to change (``--num_beams 3 --stop_at_period true``)
 
-def _early_stopping(text: str) -> bool | str:
-    return "never" if text == "never" else _boolean(text)
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Entry point of ``clipcap caption``; exits 1 when any image could not be captioned."""
-    parser = argparse.ArgumentParser(prog="clipcap caption", description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint written by `clipcap fit`")
-    parser.add_argument("--clip", default=None, help="the CLIP to encode with (default: the checkpoint's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--clip_score", action="store_true", help="also print each caption's CLIPScore")
-    parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
-    decoding_fields = _decoding_options(parser)
-    args = parser.parse_args(argv)
-    overrides = {name: getattr(args, name) for name in decoding_fields if getattr(args, name) is not None}
-    results = caption_images(
-        args.ckpt, args.images, args.clip, args.device, args.batch_size, overrides, args.clip_score
-    )
+    Raises:
+        SystemExit: status 1 when any image could not be captioned (the others are printed).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = caption_images(ckpt, images, clip, device, batch_size, decoding_overrides, clip_score)
     captioned = [row for row in results if "caption" in row]
     failed = [row for row in results if "error" in row]
-    if args.json:
-        print(json.dumps(captioned, indent=1, ensure_ascii=False))
+    if json:
+        print(_json.dumps(captioned, indent=1, ensure_ascii=False))
     else:
         for row in captioned:
             score = f"\t{row['clip_score']:.4f}" if "clip_score" in row else ""
@@ -182,3 +169,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
         raise SystemExit(1)
     return results
+
+
+def add_decoding_options(parser: ArgumentParser) -> list[str]:
+    """Adds one ``--<field>`` option per ``DecodingConfig`` field (default: not given, so the checkpoint's
+    test decoding applies); returns their names."""
+    group = parser.add_argument_group("decoding (default: the checkpoint's test decoding)")
+    hints = typing.get_type_hints(DecodingConfig)
+    for field in dataclasses.fields(DecodingConfig):
+        group.add_argument(f"--{field.name}", type=hints[field.name] | None, default=None)
+    return [field.name for field in dataclasses.fields(DecodingConfig)]
+
+
+def main(argv: list[str]) -> list[dict[str, Any]]:
+    """``clipcap caption --ckpt CKPT IMAGE... [--clip_score] [--<decoding field> VALUE]``."""
+    parser = function_parser(caption, "clipcap caption", positional=("images",), skip=("decoding_overrides",))
+    fields = add_decoding_options(parser)
+    config = parser.parse_args(argv)
+    overrides = {name: config[name] for name in fields if config[name] is not None}
+    return call_with(caption, config, decoding_overrides=overrides)

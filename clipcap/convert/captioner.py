@@ -1,16 +1,5 @@
-"""``clipcap convert``: load the checkpoints of the original projects into clipcap's formats.
+"""Original captioner checkpoints: ClipCap's and DiscriTune's, into clipcap's mapper, GPT-2 and checkpoint.
 
-::
-
-    clipcap convert clipcap    --checkpoint coco_weights.pt   --out converted/coco [--lm gpt2] [--n_head 12]
-    clipcap convert discritune --checkpoint clip_clap_model_final.pt --out converted/dt [--lm gpt2]
-    clipcap convert clip       --checkpoint ViT-B-32.pt       --out converted/clip-vit-b-32
-
-``model.init_from`` also takes an original ClipCap or DiscriTune ``.pt`` directly (see
-:func:`load_original_captioner_weights`).
-
-Layouts read
-------------
 **ClipCap** (rmokady/CLIP_prefix_caption, ``train.py``): ``torch.save(model.state_dict())`` of
 ``ClipCaptionModel``. ``clip_project.*`` is the mapper, ``gpt.*`` a ``GPT2LMHeadModel`` saved by the
 transformers of 2021, with the causal-mask buffers ``gpt.transformer.h.N.attn.bias`` and ``...attn.masked_bias``
@@ -46,35 +35,32 @@ gains a bias that is 0 on the vocabulary and -inf on the added rows. Files saved
 the -inf tail of ``gpt.lm_head.bias`` says how many rows to drop. EGG's single-Linear mapper
 (``clip_project.weight``, its choice for more than 10 prefix tokens) has no clipcap mapper and is refused.
 
-**OpenAI CLIP** (openai/CLIP ``.pt``, a TorchScript archive or a plain state dict): ``visual.*`` (ViT only;
-ResNet towers, ``visual.layer1...``, are refused), ``token_embedding``, ``positional_embedding``,
-``transformer.resblocks.N.*``, ``ln_final``, ``text_projection``, ``logit_scale``; it becomes a
-``transformers.CLIPModel`` with QuickGELU and width // 64 heads in both towers, as OpenAI's ``build_model``
-has it. ``visual.proj`` and ``text_projection`` are (width, embed): the HF projections are their transposes.
-
-``clipcap convert`` reads files with ``torch.load(weights_only=True)`` (no pickled code runs), except
-TorchScript archives, which only ``torch.jit.load`` reads.
-
 Shapes: D_clip CLIP feature size, H the MLP's hidden width, P prefix length, C the Transformer mapper's
 ``clip_length``, D the LM's width, V its vocabulary, B batch.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import json
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from clipcap.checkpoints import EggCheckpoint, read_checkpoint
+from clipcap.checkpoints import read_checkpoint
+from clipcap.convert.weights import (
+    StateDict,
+    check_weights_fit,
+    layer_count,
+    require_weight,
+    shape_of,
+    state_dict_of,
+)
 from clipcap.files import staged_folder
 from clipcap.mapper import Mapper, MLPMapper, TransformerMapper
 from clipcap.pretrained import resolve_pretrained
@@ -83,8 +69,6 @@ if TYPE_CHECKING:
     from clipcap.captioner import ClipCaptioner
 
 logger = logging.getLogger(__name__)
-
-StateDict = dict[str, torch.Tensor]
 
 CLIPCAP_MAPPER_PREFIX = "clip_project."
 CLIPCAP_LM_PREFIX = "gpt."
@@ -99,115 +83,10 @@ GPT2_BASE_WIDTH, GPT2_BASE_HEADS = 768, 12
 # GPT-2's causal-mask buffers, saved in state dicts by the transformers of 2021 and gone since.
 _STALE_GPT2_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 
-# OpenAI's TorchScript archives also hold these sizes as tensors; build_model drops them too.
-_OPENAI_CLIP_SIZE_KEYS = ("input_resolution", "context_length", "vocab_size")
-
 CONVERTED_CHECKPOINT = "clipcap.ckpt"
 CONVERTED_LM = "lm"
 CONVERTED_MAPPER = "mapper.safetensors"
 CONVERTED_MODEL_CONFIG = "model.yaml"
-
-
-def state_dict_of(checkpoint: Any, source: str) -> StateDict:
-    """The model state dict inside what :func:`read_checkpoint` returned.
-
-    Unwraps EGG's ``Checkpoint`` and a ``model_state_dict`` entry, and strips the ``module.`` prefix that
-    ``DataParallel`` adds.
-
-    Raises:
-        ValueError: a Lightning checkpoint (already clipcap's), or no state dict of tensors.
-    """
-    if isinstance(checkpoint, EggCheckpoint):
-        checkpoint = checkpoint.model_state_dict
-    if (
-        isinstance(checkpoint, Mapping)
-        and "state_dict" in checkpoint
-        and "pytorch-lightning_version" in checkpoint
-    ):
-        raise ValueError(f"{source} is a Lightning checkpoint (clipcap's own format): it needs no conversion")
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model_state_dict"), Mapping):
-        checkpoint = checkpoint["model_state_dict"]
-    if not isinstance(checkpoint, Mapping) or not checkpoint:
-        raise ValueError(f"{source}: expected a state dict of tensors, got {type(checkpoint).__name__}")
-    not_tensors = [key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(
-            f"{source}: expected a state dict of tensors, but key {not_tensors[0]!r} holds "
-            f"{type(checkpoint[not_tensors[0]]).__name__} (top-level keys: {list(checkpoint)[:8]})"
-        )
-    weights = dict(checkpoint)
-    if all(key.startswith("module.") for key in weights):
-        weights = {key[len("module.") :]: value for key, value in weights.items()}
-    return weights
-
-
-def _require(
-    weights: Mapping[str, torch.Tensor], key: str, source: str, what: str, shown_prefix: str = ""
-) -> torch.Tensor:
-    """``weights[key]``, or an error naming the file and the key as the file spells it (``shown_prefix``)."""
-    if key not in weights:
-        raise ValueError(f"{source}: {what} needs key {shown_prefix + key!r}, which is missing")
-    return weights[key]
-
-
-def _layer_count(weights: Mapping[str, torch.Tensor], prefix: str, source: str) -> int:
-    """How many ``<prefix>N.`` blocks there are; they must be numbered 0..N-1."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    indices = {int(match.group(1)) for key in weights if (match := pattern.match(key))}
-    if indices != set(range(len(indices))):
-        raise ValueError(
-            f"{source}: layers {prefix}N are not numbered 0..{len(indices) - 1}: {sorted(indices)}"
-        )
-    return len(indices)
-
-
-def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    return tuple(tensor.shape)
-
-
-def check_weights_fit(
-    weights: Mapping[str, torch.Tensor],
-    target: Mapping[str, torch.Tensor],
-    source: str,
-    what: str,
-    may_be_missing: set[str] | frozenset[str] = frozenset(),
-    origin: Mapping[str, str] | None = None,
-) -> None:
-    """Checks that ``weights`` load into a module whose state dict is ``target``: same keys, same shapes.
-
-    Args:
-        weights: converted weights.
-        target: the receiving module's ``state_dict()``.
-        source: the file they came from, for messages.
-        what: the receiving part, for messages ("mapper", "GPT-2", ...).
-        may_be_missing: target keys that the weights need not provide.
-        origin: the original key of each converted key, named in messages.
-
-    Raises:
-        ValueError: the first missing, unexpected or differently shaped key, with both shapes.
-    """
-    origin = origin or {}
-
-    def name(key: str) -> str:
-        return f"{key!r} (from {origin[key]!r})" if key in origin and origin[key] != key else repr(key)
-
-    for key, value in weights.items():
-        if key not in target:
-            raise ValueError(
-                f"{source}: {what} has no weight {name(key)}; expected keys like {list(target)[:4]}"
-            )
-        if _shape(value) != _shape(target[key]):
-            raise ValueError(
-                f"{source}: {what} weight {name(key)} has shape {_shape(value)} in the checkpoint but "
-                f"{_shape(target[key])} here"
-            )
-    missing = [key for key in target if key not in weights and key not in may_be_missing]
-    if missing:
-        raise ValueError(f"{source}: the checkpoint has no weight for {what} key {missing[0]!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# ClipCap and DiscriTune captioners
 
 
 @dataclass
@@ -314,9 +193,9 @@ def _mlp_mapper_weights(weights: Mapping[str, torch.Tensor], lm_dim: int, source
         converted[new_key] = value
         origin[new_key] = CLIPCAP_MAPPER_PREFIX + key
     for old_key in ("model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"):
-        _require(weights, old_key, source, "the ClipCap MLP mapper", CLIPCAP_MAPPER_PREFIX)
-    hidden_dim, clip_dim = _shape(converted["net.0.weight"])
-    out_dim, hidden_in = _shape(converted["net.3.weight"])
+        require_weight(weights, old_key, source, "the ClipCap MLP mapper", CLIPCAP_MAPPER_PREFIX)
+    hidden_dim, clip_dim = shape_of(converted["net.0.weight"])
+    out_dim, hidden_in = shape_of(converted["net.3.weight"])
     if hidden_in != hidden_dim or out_dim % lm_dim:
         raise ValueError(
             f"{source}: {CLIPCAP_MAPPER_PREFIX}model.2.weight has shape {(out_dim, hidden_in)}; expected "
@@ -351,7 +230,7 @@ def _transformer_mapper_weights(
 
     def take(key: str) -> torch.Tensor:
         remaining.discard(key)
-        return _require(weights, key, source, "the ClipCap Transformer mapper", CLIPCAP_MAPPER_PREFIX)
+        return require_weight(weights, key, source, "the ClipCap Transformer mapper", CLIPCAP_MAPPER_PREFIX)
 
     def put(new_key: str, value: torch.Tensor, old_key: str) -> None:
         converted[new_key] = value
@@ -362,15 +241,15 @@ def _transformer_mapper_weights(
     put("pooled_projection.bias", take("linear.bias"), "linear.bias")
     prefix_constants = take("prefix_const")
     put("prefix_constants", prefix_constants, "prefix_const")
-    prefix_length, width = _shape(prefix_constants)
+    prefix_length, width = shape_of(prefix_constants)
     if width != lm_dim or linear.shape[0] % lm_dim:
         raise ValueError(
-            f"{source}: the Transformer mapper's shapes (prefix_const {_shape(prefix_constants)}, "
-            f"linear.weight {_shape(linear)}) do not fit GPT-2 width {lm_dim}"
+            f"{source}: the Transformer mapper's shapes (prefix_const {shape_of(prefix_constants)}, "
+            f"linear.weight {shape_of(linear)}) do not fit GPT-2 width {lm_dim}"
         )
     if lm_dim % CLIPCAP_TRANSFORMER_HEADS:
         raise ValueError(f"{source}: GPT-2 width {lm_dim} is not divisible by ClipCap's 8 mapper heads")
-    num_layers = _layer_count(weights, "transformer.layers.", source)
+    num_layers = layer_count(weights, "transformer.layers.", source)
     if num_layers == 0:
         raise ValueError(
             f"{source}: the Transformer mapper has no {CLIPCAP_MAPPER_PREFIX}transformer.layers.N"
@@ -428,7 +307,7 @@ def gpt2_weights(gpt: Mapping[str, torch.Tensor], source: str) -> StateDict:
         ValueError: no token embedding, or an output bias that is not EGG's padding.
     """
     weights = {key: value for key, value in gpt.items() if not _STALE_GPT2_BUFFER.match(key)}
-    embeddings = _require(weights, "transformer.wte.weight", source, "GPT-2", CLIPCAP_LM_PREFIX)
+    embeddings = require_weight(weights, "transformer.wte.weight", source, "GPT-2", CLIPCAP_LM_PREFIX)
     bias = weights.pop("lm_head.bias", None)
     if bias is not None:
         finite = torch.isfinite(bias)
@@ -468,9 +347,9 @@ def gpt2_config(
         if n_head is not None:
             config.n_head = n_head
         return config
-    embeddings = _require(weights, "transformer.wte.weight", source, "GPT-2", CLIPCAP_LM_PREFIX)
-    positions = _require(weights, "transformer.wpe.weight", source, "GPT-2", CLIPCAP_LM_PREFIX)
-    vocab_size, n_embd = _shape(embeddings)
+    embeddings = require_weight(weights, "transformer.wte.weight", source, "GPT-2", CLIPCAP_LM_PREFIX)
+    positions = require_weight(weights, "transformer.wpe.weight", source, "GPT-2", CLIPCAP_LM_PREFIX)
+    vocab_size, n_embd = shape_of(embeddings)
     if n_head is None:
         if n_embd != GPT2_BASE_WIDTH:
             raise ValueError(
@@ -480,7 +359,9 @@ def gpt2_config(
         n_head = GPT2_BASE_HEADS
     if n_embd % n_head:
         raise ValueError(f"{source}: n_head={n_head} does not divide the GPT-2 width {n_embd}")
-    feed_forward = _require(weights, "transformer.h.0.mlp.c_fc.weight", source, "GPT-2", CLIPCAP_LM_PREFIX)
+    feed_forward = require_weight(
+        weights, "transformer.h.0.mlp.c_fc.weight", source, "GPT-2", CLIPCAP_LM_PREFIX
+    )
     inner = feed_forward.shape[1]  # GPT-2's Conv1D weights are (in, out)
     lm_head = weights.get("lm_head.weight")
     tied = lm_head is None or (lm_head.device.type != "meta" and torch.equal(lm_head, embeddings))
@@ -488,7 +369,7 @@ def gpt2_config(
         vocab_size=vocab_size,
         n_positions=positions.shape[0],
         n_embd=n_embd,
-        n_layer=_layer_count(weights, "transformer.h.", source),
+        n_layer=layer_count(weights, "transformer.h.", source),
         n_head=n_head,
         n_inner=None if inner == 4 * n_embd else inner,
         # <|endoftext|> is GPT-2's last token.
@@ -852,216 +733,3 @@ def convert_discritune(
     return write_converted_captioner(
         read_original_captioner(checkpoint), out_dir, lm, n_head, kind="discritune"
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# OpenAI CLIP
-
-
-def openai_clip_config(weights: Mapping[str, torch.Tensor], source: str) -> CLIPConfig:
-    """The ``CLIPConfig`` of an OpenAI ViT CLIP state dict, inferred from its shapes.
-
-    Raises:
-        ValueError: a ResNet image tower, a missing key, or a width that 64-wide heads do not divide.
-    """
-    resnet_key = next(
-        (key for key in weights if key.startswith(("visual.layer1.", "visual.attnpool."))), None
-    )
-    if resnet_key is not None:
-        raise ValueError(
-            f"{source}: a ResNet CLIP (key {resnet_key!r}); only ViT CLIPs convert to transformers.CLIPModel"
-        )
-
-    def get(key: str) -> torch.Tensor:
-        return _require(weights, key, source, "an OpenAI ViT CLIP")
-
-    def heads(width: int, tower: str) -> int:
-        if width % 64:
-            raise ValueError(
-                f"{source}: the {tower} width {width} is not a multiple of OpenAI's 64-wide heads"
-            )
-        return width // 64
-
-    patch_weight = get("visual.conv1.weight")
-    vision_width, patch_size = patch_weight.shape[0], patch_weight.shape[-1]
-    positions = get("visual.positional_embedding").shape[0] - 1
-    grid = round(positions**0.5)
-    if grid * grid != positions:
-        raise ValueError(
-            f"{source}: visual.positional_embedding has {positions + 1} rows, not 1 + a square grid"
-        )
-    text_width = get("ln_final.weight").shape[0]
-    vocab_size = get("token_embedding.weight").shape[0]
-    projection_dim = get("text_projection").shape[1]
-    if _shape(get("visual.proj")) != (vision_width, projection_dim):
-        raise ValueError(
-            f"{source}: visual.proj has shape {_shape(get('visual.proj'))}; expected {(vision_width, projection_dim)}"
-        )
-    return CLIPConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": text_width,
-            "intermediate_size": get("transformer.resblocks.0.mlp.c_fc.weight").shape[0],
-            "num_hidden_layers": _layer_count(weights, "transformer.resblocks.", source),
-            "num_attention_heads": heads(text_width, "text"),
-            "max_position_embeddings": get("positional_embedding").shape[0],
-            "hidden_act": "quick_gelu",
-            # OpenAI pools at the highest token id, its end-of-text token, the vocabulary's last.
-            "bos_token_id": vocab_size - 2,
-            "eos_token_id": vocab_size - 1,
-        },
-        vision_config={
-            "hidden_size": vision_width,
-            "intermediate_size": get("visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0],
-            "num_hidden_layers": _layer_count(weights, "visual.transformer.resblocks.", source),
-            "num_attention_heads": heads(vision_width, "vision"),
-            "image_size": patch_size * grid,
-            "patch_size": patch_size,
-            "hidden_act": "quick_gelu",
-        },
-        projection_dim=projection_dim,
-        logit_scale_init_value=float(get("logit_scale")),
-    )
-
-
-class _KeyMap(NamedTuple):
-    """One ``CLIPModel`` weight: the OpenAI key it comes from and how (``chunk`` of 3, or transposed)."""
-
-    openai_key: str
-    chunk: int | None = None
-    transpose: bool = False
-
-    def take(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        value = weights[self.openai_key]
-        if self.chunk is not None:
-            value = value.chunk(3)[self.chunk]
-        return (value.t() if self.transpose else value).float().contiguous()
-
-
-def _openai_block_keys(old: str, new: str) -> dict[str, _KeyMap]:
-    """One residual attention block: OpenAI's ``old`` prefix, HF's ``new`` prefix."""
-    keys: dict[str, _KeyMap] = {}
-    for index, name in enumerate(("q", "k", "v")):  # in_proj rows are the queries, keys, then values
-        keys[f"{new}self_attn.{name}_proj.weight"] = _KeyMap(old + "attn.in_proj_weight", chunk=index)
-        keys[f"{new}self_attn.{name}_proj.bias"] = _KeyMap(old + "attn.in_proj_bias", chunk=index)
-    pairs = {
-        "attn.out_proj": "self_attn.out_proj",
-        "ln_1": "layer_norm1",
-        "mlp.c_fc": "mlp.fc1",
-        "mlp.c_proj": "mlp.fc2",
-        "ln_2": "layer_norm2",
-    }
-    for old_name, new_name in pairs.items():
-        for kind in ("weight", "bias"):
-            keys[f"{new}{new_name}.{kind}"] = _KeyMap(f"{old}{old_name}.{kind}")
-    return keys
-
-
-def openai_clip_key_map(config: CLIPConfig) -> dict[str, _KeyMap]:
-    """Every ``CLIPModel`` weight of ``config`` with the OpenAI CLIP key it is made from."""
-    keys = {
-        "vision_model.embeddings.class_embedding": _KeyMap("visual.class_embedding"),
-        "vision_model.embeddings.patch_embedding.weight": _KeyMap("visual.conv1.weight"),
-        "vision_model.embeddings.position_embedding.weight": _KeyMap("visual.positional_embedding"),
-        "visual_projection.weight": _KeyMap("visual.proj", transpose=True),  # OpenAI's is (width, embed)
-        "text_model.embeddings.token_embedding.weight": _KeyMap("token_embedding.weight"),
-        "text_model.embeddings.position_embedding.weight": _KeyMap("positional_embedding"),
-        "text_projection.weight": _KeyMap("text_projection", transpose=True),
-        "logit_scale": _KeyMap("logit_scale"),
-    }
-    for kind in ("weight", "bias"):
-        keys[f"vision_model.pre_layrnorm.{kind}"] = _KeyMap(f"visual.ln_pre.{kind}")
-        keys[f"vision_model.post_layernorm.{kind}"] = _KeyMap(f"visual.ln_post.{kind}")
-        keys[f"text_model.final_layer_norm.{kind}"] = _KeyMap(f"ln_final.{kind}")
-    for index in range(config.vision_config.num_hidden_layers):
-        keys |= _openai_block_keys(
-            f"visual.transformer.resblocks.{index}.", f"vision_model.encoder.layers.{index}."
-        )
-    for index in range(config.text_config.num_hidden_layers):
-        keys |= _openai_block_keys(f"transformer.resblocks.{index}.", f"text_model.encoder.layers.{index}.")
-    return keys
-
-
-def openai_clip_to_hf(weights: Mapping[str, torch.Tensor], source: str) -> CLIPModel:
-    """Converts an OpenAI ViT CLIP state dict into a ``transformers.CLIPModel`` (float32, eval mode).
-
-    Raises:
-        ValueError: a ResNet CLIP, or a missing, unexpected or misshapen key (named).
-    """
-    weights = {key: value for key, value in weights.items() if key not in _OPENAI_CLIP_SIZE_KEYS}
-    config = openai_clip_config(weights, source)
-    key_map = openai_clip_key_map(config)
-    for key_source in key_map.values():
-        _require(weights, key_source.openai_key, source, "an OpenAI ViT CLIP")
-    used = {key_source.openai_key for key_source in key_map.values()}
-    unused = [key for key in weights if key not in used]
-    if unused:
-        raise ValueError(f"{source}: unexpected key {unused[0]!r} for an OpenAI ViT CLIP")
-    state = {key: key_source.take(weights) for key, key_source in key_map.items()}
-    origin = {key: key_source.openai_key for key, key_source in key_map.items()}
-    model = CLIPModel(config)
-    check_weights_fit(state, model.state_dict(), source, "CLIPModel", origin=origin)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def convert_openai_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Writes an OpenAI CLIP ``.pt`` as a Hugging Face ``CLIPModel`` folder (weights and config only)."""
-    model = openai_clip_to_hf(state_dict_of(read_checkpoint(checkpoint), str(checkpoint)), str(checkpoint))
-    out_dir = Path(out_dir)
-    with staged_folder(out_dir) as staging:
-        model.save_pretrained(staging)
-    return out_dir
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _convert_captioner_command(convert: Any, args: argparse.Namespace) -> Path:
-    written = convert(args.checkpoint, args.out, args.lm, args.n_head)
-    print(
-        f"wrote {written.parent}: {CONVERTED_LM}/, {CONVERTED_MAPPER}, {CONVERTED_MODEL_CONFIG}, "
-        f"{CONVERTED_CHECKPOINT}\nstart a run from it: clipcap fit --config <training config> "
-        f"--config {written.parent / CONVERTED_MODEL_CONFIG}\n"
-        f"or, in a config of your own: --model.init_from={written}"
-    )
-    return written
-
-
-def _convert_clip_command(args: argparse.Namespace) -> Path:
-    written = convert_openai_clip(args.checkpoint, args.out)
-    print(f"wrote {written} (a transformers.CLIPModel folder: use it as data.init_args.clip_model)")
-    return written
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """Entry point of ``clipcap convert``; returns what it wrote (``clipcap.ckpt`` or the CLIP folder)."""
-    parser = argparse.ArgumentParser(prog="clipcap convert", description=__doc__.splitlines()[0])
-    kinds = parser.add_subparsers(dest="kind", required=True)
-    captioner_kinds = {
-        "clipcap": ("an original ClipCap .pt (rmokady/CLIP_prefix_caption)", convert_clipcap),
-        "discritune": (
-            "a DiscriTune game checkpoint (EGG's clip_clap_model_*.pt or *.tar)",
-            convert_discritune,
-        ),
-    }
-    for name, (help_text, convert) in captioner_kinds.items():
-        sub = kinds.add_parser(name, help=help_text)
-        sub.add_argument("--checkpoint", required=True, help=help_text)
-        sub.add_argument(
-            "--out", required=True, help="output folder (lm/, mapper.safetensors, model.yaml, clipcap.ckpt)"
-        )
-        sub.add_argument("--lm", default=None, help="GPT-2 name or folder for its config and tokenizer")
-        sub.add_argument("--n_head", type=int, default=None, help="GPT-2's heads (default 12 for width 768)")
-        sub.set_defaults(run=functools.partial(_convert_captioner_command, convert))
-    clip = kinds.add_parser("clip", help="an OpenAI CLIP .pt (ViT) to a Hugging Face CLIPModel folder")
-    clip.add_argument("--checkpoint", required=True, help="e.g. ViT-B-32.pt from openai/CLIP")
-    clip.add_argument("--out", required=True, help="output folder")
-    clip.set_defaults(run=_convert_clip_command)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.run(args)
-    except (ValueError, OSError) as error:  # FileNotFoundError is an OSError
-        raise SystemExit(f"clipcap convert {args.kind}: {error}") from error

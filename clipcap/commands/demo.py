@@ -9,14 +9,17 @@ with a trivial baseline (the most frequent training caption for every image), pl
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
+import yaml
 
+from clipcap.commands.parsing import run_function
+from clipcap.synthetic.world import ensure_world
+from clipcap.training.cli import lightning_cli
 from clipcap.training.data import CaptionDataModule
 from clipcap.training.evaluation import CaptionEvaluation, score_captions
 
@@ -64,8 +67,6 @@ def fit_and_test(
     Returns:
         The LightningCLI (trainer, model, datamodule), the evaluation callback, and the tested checkpoint.
     """
-    from clipcap.cli import lightning_cli
-
     cli = lightning_cli(["fit", "--config", config, "--trainer.default_root_dir", root, *options])
     checkpoints = cli.trainer.checkpoint_callback
     best = (None if last else checkpoints.best_model_path) or checkpoints.last_model_path
@@ -83,8 +84,6 @@ starts stage 2)."""
 
 def two_stage_labels(gumbel_config: str) -> int:
     """The labelled subset size of the two-stage recipe, as the stage-2 config sets it."""
-    import yaml
-
     data = yaml.safe_load(Path(gumbel_config).read_text())["data"]["init_args"]
     if data.get("labelled_images") is None:
         raise SystemExit(f"[demo] {gumbel_config} sets no data.init_args.labelled_images for stage 1")
@@ -95,39 +94,40 @@ def read_predictions(folder: Path) -> dict[str, str]:
     return {row["image_id"]: row["caption"] for row in json.loads((folder / "predictions.json").read_text())}
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(prog="clipcap demo", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--config", default="lightning_configs/synthetic/ce.yaml", help="cross-entropy config"
-    )
-    parser.add_argument(
-        "--discritune_config",
-        default="lightning_configs/synthetic/discritune.yaml",
-        help="DiscriTune config, started from the cross-entropy model; '' skips the stage",
-    )
-    parser.add_argument(
-        "--gumbel_config",
-        default="lightning_configs/synthetic/gumbel_clip.yaml",
-        help="Gumbel-CLIP stage-2 config of the two-stage recipe; its labelled_images set stage 1's "
-        "labelled subset; '' skips both stages",
-    )
-    parser.add_argument(
-        "--stage1_epochs", type=int, default=STAGE1_EPOCHS, help="epochs of the two-stage recipe's stage 1"
-    )
-    parser.add_argument("--out", default="runs/demo", help="run folder (logs, checkpoints, results)")
-    parser.add_argument("--samples", type=int, default=6, help="image → caption samples to print")
-    parser.add_argument("overrides", nargs="*", help="extra LightningCLI options for the cross-entropy stage")
-    args, extra = parser.parse_known_args(argv)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+def demo(
+    config: str = "lightning_configs/synthetic/ce.yaml",
+    discritune_config: str = "lightning_configs/synthetic/discritune.yaml",
+    gumbel_config: str = "lightning_configs/synthetic/gumbel_clip.yaml",
+    stage1_epochs: int = STAGE1_EPOCHS,
+    out: str = "runs/demo",
+    samples: int = 6,
+    overrides: list[str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run the main job end to end on the synthetic world and print the metrics.
 
-    from clipcap.synthetic.world import ensure_world
+    Args:
+        config: cross-entropy config
+        discritune_config: DiscriTune config, started from the cross-entropy model; '' skips the stage
+        gumbel_config: Gumbel-CLIP stage-2 config of the two-stage recipe; its labelled_images set stage 1's
+            labelled subset; '' skips both stages
+        stage1_epochs: epochs of the two-stage recipe's stage 1
+        out: run folder (logs, checkpoints, results)
+        samples: image → caption samples to print
+        overrides: extra LightningCLI options for the cross-entropy stage, after ``--``
+            (``clipcap demo -- --trainer.max_epochs=2``)
+
+    Returns:
+        The metrics of each row of the table.
+    """
+    overrides = list(overrides or [])
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
     started = time.perf_counter()
     world = ensure_world()
     print(f"[demo] synthetic world ready at {world} ({time.perf_counter() - started:.0f}s)")
 
-    out = Path(args.out)
-    cli, evaluation, best = fit_and_test(args.config, str(out / "ce"), *args.overrides, *extra)
+    run_dir = Path(out)
+    cli, evaluation, best = fit_and_test(config, str(run_dir / "ce"), *overrides)
     print(f"[demo] cross-entropy trained and tested in {time.perf_counter() - started:.0f}s ({best})")
     datamodule = cli.datamodule
     test_images = datamodule.split("test").images
@@ -147,24 +147,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         reports[short] = str(folder / "report.html")
 
     record("clipcap (cross-entropy)", "cross-entropy", cli, evaluation)
-    if args.discritune_config:
+    if discritune_config:
         dt_cli, dt_evaluation, dt_best = fit_and_test(
-            args.discritune_config, str(out / "discritune"), f"--model.init_from={best}"
+            discritune_config, str(run_dir / "discritune"), f"--model.init_from={best}"
         )
         print(f"[demo] DiscriTune trained and tested in {time.perf_counter() - started:.0f}s ({dt_best})")
         record("clipcap (cross-entropy, then DiscriTune)", "DiscriTune", dt_cli, dt_evaluation)
 
-    if args.gumbel_config:
-        labelled = two_stage_labels(args.gumbel_config)
+    if gumbel_config:
+        labelled = two_stage_labels(gumbel_config)
         share = f"{100 * labelled / len(datamodule.split('train').images):g}%"
         stage1_cli, stage1_evaluation, stage1_last = fit_and_test(
-            args.config, str(out / "stage1"), f"--data.init_args.labelled_images={labelled}",
-            f"--trainer.max_epochs={args.stage1_epochs}", "--trainer.check_val_every_n_epoch=10", last=True,
+            config, str(run_dir / "stage1"), f"--data.init_labelled_images={labelled}",
+            f"--trainer.max_epochs={stage1_epochs}", "--trainer.check_val_every_n_epoch=10", last=True,
         )  # fmt: skip
         print(f"[demo] stage 1 ({share} labels) trained and tested in {time.perf_counter() - started:.0f}s")
         record(f"clipcap (cross-entropy, {share} labels)", f"{share} labels", stage1_cli, stage1_evaluation)
         gc_cli, gc_evaluation, _ = fit_and_test(
-            args.gumbel_config, str(out / "gumbel_clip"), f"--model.init_from={stage1_last}"
+            gumbel_config, str(run_dir / "gumbel_clip"), f"--model.init_from={stage1_last}"
         )
         print(f"[demo] stage 2 (Gumbel-CLIP) trained and tested in {time.perf_counter() - started:.0f}s")
         record(f"clipcap ({share} labels, then Gumbel-CLIP)", "Gumbel-CLIP", gc_cli, gc_evaluation)
@@ -174,17 +174,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         + format_table(rows)
     )
     print("\n[demo] samples (" + " | ".join([*predictions, "first reference"]) + "):")
-    for entry in test_images[: args.samples]:
+    for entry in test_images[:samples]:
         captions = " | ".join(repr(by_id[entry.image_id]) for by_id in predictions.values())
         print(f"  {entry.image_id}: {captions} | {entry.references[0]!r}")
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     results = {
         "checkpoint": best,
         "scores": rows,
         "reports": reports,
         "seconds": time.perf_counter() - started,
     }
-    (out / "demo_results.json").write_text(json.dumps(results, indent=2))
+    (run_dir / "demo_results.json").write_text(json.dumps(results, indent=2))
     print("\n[demo] reports: " + ", ".join(reports.values()))
-    print(f"[demo] done in {time.perf_counter() - started:.0f}s; results in {out / 'demo_results.json'}")
+    print(f"[demo] done in {time.perf_counter() - started:.0f}s; results in {run_dir / 'demo_results.json'}")
     return rows
+
+
+def main(argv: list[str]) -> dict[str, dict[str, float]]:
+    return run_function(demo, argv, "clipcap demo", positional=("overrides",))
