@@ -46,9 +46,10 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from benchmarks.naive_decoders import naive_beam_search, naive_greedy
 from clipcap.captioner import ClipCaptioner
 from clipcap.data.batch import CaptionBatch
-from clipcap.generation import DecodingConfig, naive_beam_search, naive_greedy
+from clipcap.generation import DecodingConfig
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MapperFactory, MLPMapper, TransformerMapper
 from clipcap.objectives import CrossEntropy

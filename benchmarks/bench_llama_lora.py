@@ -20,14 +20,14 @@ saved once to a scratch folder, about 13.5 GB, and loaded from there; skipped wi
 otherwise). Memory is ``torch.cuda.max_memory_allocated`` over the timed steps after
 ``reset_peak_memory_stats`` (tensors only: the CUDA context and the allocator's reserve are not counted);
 times are medians of CUDA-synchronised steps after one warm-up step (which also creates AdamW's state).
-Every row shows ``clipcap.memory.estimate_lora_memory``'s peak beside the measured one.
+Every row shows ``benchmarks.memory_estimate.estimate_lora_memory``'s peak beside the measured one.
 
 The captioner needs a tokenizer but no real one: a word-level tokenizer with one word per id (``w3`` …
 ``w31999``) decodes every id the random LM can produce, and captions of 19 random words are 20 tokens.
 The unquantized model is wrapped in memory with ``PrefixLM.from_model``, which sets it up exactly as
 ``PrefixLM.__init__`` sets up a model it has loaded.
 
-Without CUDA and with ``--shape 7b`` nothing is measured: the script prints ``clipcap.memory``'s analytic
+Without CUDA and with ``--shape 7b`` nothing is measured: the script prints ``benchmarks.memory_estimate``'s analytic
 estimate for every combination (float16/bfloat16 × checkpointing × none/8-bit/4-bit × cross-entropy/
 DiscriTune at batch 8, for each mapper width) with the largest batch that fits 16 GB and 32 GB by the
 estimate, and ``--write`` records it as such. ``--shape tiny`` runs the measuring code on a tiny LLaMA on
@@ -74,14 +74,7 @@ from benchmarks.bench_captioner import (
     synchronize,
     write_markdown,
 )
-from clipcap.captioner import ClipCaptioner
-from clipcap.clip import ClipEncoder
-from clipcap.data.batch import CaptionBatch
-from clipcap.generation import DecodingConfig
-from clipcap.lm import PrefixLM
-from clipcap.lora import LoraSettings
-from clipcap.mapper import MLPMapper
-from clipcap.memory import (
+from benchmarks.memory_estimate import (
     CARD_BUDGETS,
     CUDA_OVERHEAD_BYTES,
     GiB,
@@ -91,6 +84,13 @@ from clipcap.memory import (
     largest_fitting_batch,
     llama2_7b_config,
 )
+from clipcap.captioner import ClipCaptioner
+from clipcap.clip import ClipEncoder
+from clipcap.data.batch import CaptionBatch
+from clipcap.generation import DecodingConfig
+from clipcap.lm import PrefixLM
+from clipcap.lora import LoraSettings
+from clipcap.mapper import MLPMapper
 from clipcap.objectives import CrossEntropy, DiscriTune
 from clipcap.objectives.base import Objective
 
@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
             settings_line,
             "- Peak: `torch.cuda.max_memory_allocated` over the timed steps (tensors only; add about "
             f"{CUDA_OVERHEAD_BYTES / GiB:.2f} GiB for the CUDA context and allocator slack); — where not "
-            "measured (CPU); estimate: `clipcap.memory.estimate_lora_memory`'s peak; step: median "
+            "measured (CPU); estimate: `benchmarks.memory_estimate.estimate_lora_memory`'s peak; step: median "
             "CUDA-synchronised step after a warm-up step",
             *(f"- {note}" for note in notes),
             "",
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
             f"- Command: `{command}`",
             f"- Date: {now}",
             "- GPU: none was lent, so nothing here is measured: every figure is "
-            "`clipcap.memory.estimate_lora_memory` (formulas in its module docstring). On a GPU the same "
+            "`benchmarks.memory_estimate.estimate_lora_memory` (formulas in its module docstring). On a GPU the same "
             "command measures instead.",
             settings_line,
             "- GiB = 2^30 bytes. Peak: the tensors' peak, comparable to `torch.cuda.max_memory_allocated`; "

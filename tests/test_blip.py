@@ -357,13 +357,13 @@ def test_what_blip_cannot_train_is_refused(
     captioner = blip_captioner(blip_dir)
     batch = collate_caption_batch([CaptionImages(blip_data.split("train"))[i] for i in range(4)])
     kl = DiscriTune(kl_coefficient=0.1, **receiver_options(tiny_world))
-    kl.setup(blip_data)
+    kl.setup(blip_data.training_data())
     with pytest.raises(ValueError, match="kl_coefficient"):
         kl(captioner, batch)
     with pytest.raises(ValueError, match="receiver_clip"):  # BLIP's encoder cannot read captions
-        DiscriTune().setup(blip_data)
+        DiscriTune().setup(blip_data.training_data())
     with pytest.raises(ValueError, match="GumbelClip trains a ClipCaptioner only"):
-        GumbelClip().setup(blip_data)
+        GumbelClip().setup(blip_data.training_data())
     gumbel = GumbelClip()
     gumbel.set_clip(ClipEncoder("synthetic:clip"))
     with pytest.raises(TypeError, match="BlipCaptioner"):

@@ -8,25 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.naive_decoders import naive_greedy
 from clipcap.captioner import ClipCaptioner
 from clipcap.data.batch import CaptionBatch
-from clipcap.generation import DecodingConfig, cut_at_stop, naive_greedy, stop_token_ids
+from clipcap.generation import DecodingConfig, cut_at_stop, stop_token_ids
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper, TransformerMapper
 from clipcap.objectives import CrossEntropy
-from tiny_models import save_tiny_gpt2, save_tiny_llama
 
 CLIP_DIM = 16
-
-
-@pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
-
-
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
 def make_captioner(folder: Path, trainable: bool = True, mapper=None) -> ClipCaptioner:

@@ -29,18 +29,10 @@ from clipcap.generation import DecodingConfig
 from clipcap.gumbel import GumbelRollout, gumbel_rollout
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper
-from tiny_models import save_tiny_gpt2, save_tiny_llama, tiny_clip_model
+from tiny_models import tiny_clip_model
 
 CLIP_DIM = 16
 RENAMED = re.compile(r"past_key_values|cache_params|`cache`|checkpointing", re.IGNORECASE)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return {
-        "gpt2": save_tiny_gpt2(tmp_path_factory.mktemp("gpt2")),
-        "llama": save_tiny_llama(tmp_path_factory.mktemp("llama")),
-    }
 
 
 class _Records(logging.Handler):

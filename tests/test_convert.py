@@ -34,13 +34,12 @@ from clipcap.convert import (
     load_converted_mapper,
     openai_clip_to_hf,
     read_original_captioner,
-    state_dict_of,
 )
+from clipcap.convert.weights import state_dict_of
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper, TransformerMapper
 from clipcap.objectives import CrossEntropy
 from clipcap.training.module import CaptionModule
-from tiny_models import save_tiny_gpt2
 
 torch.set_num_threads(1)
 
@@ -171,12 +170,6 @@ def original_state_dict(model: ClipCaptionModel) -> dict[str, torch.Tensor]:
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GPT-2 (width 32, 4 heads) with a tokenizer: the ``--lm`` of these tests."""
-    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
 
 
 def finetuned_gpt2(folder: Path, seed: int) -> GPT2LMHeadModel:

@@ -26,6 +26,7 @@ from clipcap.training import CaptionModule
 from clipcap.training.cli import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
+COCO_KARPATHY = REPO / "lightning_configs" / "data" / "coco_karpathy.yaml"
 SYNTHETIC_CE = REPO / "lightning_configs" / "synthetic" / "ce.yaml"
 
 
@@ -423,11 +424,18 @@ def data_overrides(fixture_config: Path) -> list[str]:
     ]
 
 
+def shipped(config: str) -> list[str]:
+    """``--config`` options of a shipped config, after its dataset's config for a COCO one (which holds only
+    what it changes, as the README runs them)."""
+    base = ["--config", str(COCO_KARPATHY)] if config.startswith("lightning_configs/coco/") else []
+    return [*base, "--config", str(REPO / config)]
+
+
 def fit_shipped_config(config: str, fixture: Path, tmp_path: Path, *options: str):
     """One fast_dev_run step of a shipped config with its data pointed at a fixture (the tiny LM, one
     process, no pinned memory); every other option of the config is used as shipped."""
     return lightning_cli(
-        ["fit", "--config", str(REPO / config), LM_OVERRIDE, *data_overrides(fixture), *QUICK,
+        ["fit", *shipped(config), LM_OVERRIDE, *data_overrides(fixture), *QUICK,
          "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false", *options,
          "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)]
     )  # fmt: skip
@@ -478,7 +486,7 @@ def test_coco_two_stage_configs_train_on_the_fixture(stage: str, corpora, tmp_pa
 @pytest.mark.parametrize("count", [100, 1000])
 def test_the_label_sweep_overlays(count: int, corpora, tmp_path: Path) -> None:
     cli = lightning_cli(
-        ["fit", "--config", str(REPO / "lightning_configs/coco/two_stage_10k_stage1.yaml"),
+        ["fit", *shipped("lightning_configs/coco/two_stage_10k_stage1.yaml"),
          "--config", str(REPO / f"lightning_configs/coco/labels_{count}.yaml"), LM_OVERRIDE,
          *data_overrides(corpora["coco_karpathy"]), "--trainer.default_root_dir", str(tmp_path)],
         run=False,
@@ -488,6 +496,27 @@ def test_the_label_sweep_overlays(count: int, corpora, tmp_path: Path) -> None:
 
 
 DATA_CONFIGS = sorted((REPO / "lightning_configs" / "data").glob("*.yaml"))
+
+
+def test_a_coco_config_alone_names_its_dataset_config(capsys: pytest.CaptureFixture) -> None:
+    """A COCO config holds only what it changes: given alone, the command says which config goes first
+    (jsonargparse would quietly take the abstract CaptionDataModule and fail on an unrelated option)."""
+    from clipcap.commands import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(REPO / "lightning_configs/coco/discritune.yaml")])
+    assert stopped.value.code == 1
+    assert "--config lightning_configs/data/coco_karpathy.yaml --config" in capsys.readouterr().err
+
+
+def test_every_coco_config_reuses_the_karpathy_data_config() -> None:
+    """The Karpathy data block lives in one file; no COCO config repeats any of its settings."""
+    base = yaml.safe_load(COCO_KARPATHY.read_text())["data"]
+    for config in sorted((REPO / "lightning_configs" / "coco").glob("*.yaml")):
+        data = yaml.safe_load(config.read_text()).get("data") or {}
+        assert "class_path" not in data, config
+        repeated = {k for k, v in (data.get("init_args") or {}).items() if base["init_args"].get(k) == v}
+        assert not repeated, (config, repeated)
 
 
 @pytest.mark.parametrize("config", DATA_CONFIGS, ids=[c.stem for c in DATA_CONFIGS])
@@ -504,13 +533,6 @@ def test_data_configs_compose_with_a_training_config(config: Path, corpora, tmp_
     assert cli.datamodule.split(cli.datamodule.predict_split).images
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_models import save_tiny_llama
-
-    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
-
-
 @pytest.mark.parametrize(
     ("config", "options"),
     [
@@ -522,13 +544,13 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ],
 )  # fmt: skip
 def test_llama2_lora_configs_train_a_tiny_llama_on_the_fixture(
-    config: str, options: list[str], corpora, tiny_llama: Path, tmp_path: Path
+    config: str, options: list[str], corpora, llama_folder: Path, tmp_path: Path
 ) -> None:
     """The LLaMA-2 configs as shipped (fp16 or bf16 weights, LoRA on the family's default targets,
     checkpointing) on a tiny LLaMA: only the mapper and the adapters train."""
     cli = fit_shipped_config(
         f"lightning_configs/coco/{config}", corpora["coco_karpathy"], tmp_path,
-        f"--model.captioner.init_args.language_model.init_args.pretrained={tiny_llama}", *options,
+        f"--model.captioner.init_args.language_model.init_args.pretrained={llama_folder}", *options,
     )  # fmt: skip
     assert cli.trainer.state.finished
     lm = cli.model.captioner.lm

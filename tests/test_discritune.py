@@ -169,7 +169,7 @@ def test_the_faithful_loss_and_gradient_are_eggs(world_batch, monkeypatch: pytes
     captions = [[a, b, period], [], [a, b, c, d, e, f], [a, b], [period], [c], [d, e, f, period], [b, a]]
     monkeypatch.setattr(captioner, "generate_ids", lambda features, rollout, keep_mode=False: captions)
     objective = DiscriTune(rollout=DecodingConfig(max_new_tokens=6, stop_at_period=True))
-    objective.setup(datamodule)
+    objective.setup(datamodule.training_data())
     output = objective(captioner, batch)
     output.loss.backward()
     ours = {name: p.grad.clone() for name, p in captioner.named_parameters() if p.grad is not None}
@@ -189,7 +189,7 @@ def test_the_faithful_loss_and_gradient_are_eggs(world_batch, monkeypatch: pytes
         torch.testing.assert_close(gradient, theirs[name], rtol=1e-5, atol=1e-8, msg=name)
     # The "mean" normalisation is another objective: a different loss on the same captions.
     mean = DiscriTune(rollout=objective.rollout, log_prob_normalisation="mean")
-    mean.setup(datamodule)
+    mean.setup(datamodule.training_data())
     assert not torch.allclose(mean(captioner, batch).loss, expected)
 
 
@@ -225,7 +225,7 @@ def test_training_captions_are_decoded_with_dropout_on(world_batch, monkeypatch:
         objective = DiscriTune(
             rollout=DecodingConfig(max_new_tokens=6, stop_at_period=True), rollout_dropout=dropout
         )
-        objective.setup(datamodule)
+        objective.setup(datamodule.training_data())
         objective(captioner, batch)
     assert modes == [True, False]
     assert captioner.training  # the module's mode is left as it was
@@ -273,7 +273,7 @@ def test_objective_on_the_tiny_world(world_batch) -> None:
     torch.manual_seed(0)
     captioner = tiny_captioner(datamodule.clip_dim, trainable=True)
     objective = DiscriTune()
-    objective.setup(datamodule)
+    objective.setup(datamodule.training_data())
     output = objective(captioner, batch)
     assert torch.isfinite(output.loss) and output.loss.requires_grad
     assert output.terms["reward"] <= 0 and 0 <= output.terms["batch_p_at_1"] <= 1
@@ -293,7 +293,7 @@ def test_sampling_baselines_on_the_tiny_world(baseline, world_batch) -> None:
     torch.manual_seed(0)
     captioner = tiny_captioner(datamodule.clip_dim, trainable=True)
     objective = DiscriTune(rollout=DecodingConfig(do_sample=True, max_new_tokens=12), baseline=baseline)
-    objective.setup(datamodule)
+    objective.setup(datamodule.training_data())
     output = objective(captioner, batch)
     assert torch.isfinite(output.loss) and output.loss.requires_grad
     output.loss.backward()
@@ -310,7 +310,7 @@ def test_kl_shaping_subtracts_beta_times_kl_from_the_reward(trainable: bool, wor
         torch.manual_seed(0)
         captioner = tiny_captioner(datamodule.clip_dim, trainable=trainable)
         objective = DiscriTune(kl_coefficient=beta)
-        objective.setup(datamodule)
+        objective.setup(datamodule.training_data())
         outputs[beta] = objective(captioner, batch)
     kl = outputs[0.5].terms["kl"]
     assert "kl" not in outputs[0.0].terms
@@ -327,7 +327,7 @@ def test_hard_negatives_lower_the_reward_of_the_same_captions(world_batch) -> No
         torch.manual_seed(0)
         captioner = tiny_captioner(datamodule.clip_dim, trainable=True)
         objective = DiscriTune(hard_negatives=count)
-        objective.setup(datamodule)
+        objective.setup(datamodule.training_data())
         rewards[count] = objective(captioner, batch).terms["reward"]
     assert rewards[4] < rewards[0]  # the same greedy captions now compete against 4 more images each
     with pytest.raises(ValueError, match="discriminative"):
@@ -338,14 +338,14 @@ def test_non_finite_rewards_skip_the_step(world_batch, monkeypatch: pytest.Monke
     datamodule, batch = world_batch
     captioner = tiny_captioner(datamodule.clip_dim, trainable=True)
     objective = DiscriTune()
-    objective.setup(datamodule)
+    objective.setup(datamodule.training_data())
     monkeypatch.setattr(
         objective.receiver,
         "encode_text",
         lambda texts: torch.full((len(texts), datamodule.clip_dim), float("nan")),
     )
     output = objective(captioner, batch)
-    assert output.skip and int(objective.skipped_steps) == 1
+    assert output.skip and "non-finite reward" in output.skip_reason
     assert int(objective.baseline.count) == 0, "a skipped step must not move the baseline"
 
 
@@ -448,7 +448,7 @@ def test_a_receiver_clip_other_than_the_features_clip(world_batch, other_receive
     torch.manual_seed(0)
     captioner = tiny_captioner(datamodule.clip_dim).eval()  # eval: the rollout and the check decode alike
     objective = DiscriTune(receiver_clip=clip_dir, receiver_features_dir=features_dir, hard_negatives=2)
-    objective.setup(datamodule)
+    objective.setup(datamodule.training_data())
     receiver = objective.receiver
     assert receiver.dim == 16 != datamodule.clip_dim  # the captioner still reads the data's features
     output = objective(captioner, batch)
@@ -468,14 +468,14 @@ def test_a_receiver_clip_without_its_own_features_is_refused(world_batch, other_
     datamodule, _ = world_batch
     clip_dir, _ = other_receiver
     with pytest.raises(ValueError, match="receiver_features_dir"):
-        DiscriTune(receiver_clip=clip_dir).setup(datamodule)
+        DiscriTune(receiver_clip=clip_dir).setup(datamodule.training_data())
     # The data's own caches were made with the data's CLIP, not the receiver: refused, naming the field.
     with pytest.raises(ValueError, match="clip"):
         DiscriTune(receiver_clip=clip_dir, receiver_features_dir=str(datamodule.features_dir)).setup(
-            datamodule
+            datamodule.training_data()
         )
     with pytest.raises(ValueError, match="receiver_features_dir is set"):
-        DiscriTune(receiver_features_dir=str(datamodule.features_dir)).setup(datamodule)
+        DiscriTune(receiver_features_dir=str(datamodule.features_dir)).setup(datamodule.training_data())
 
 
 def test_resumed_training_continues_as_if_never_stopped(ce_run, tmp_path: Path) -> None:
@@ -539,7 +539,7 @@ def test_log_probs_from_the_rollout_equal_the_teacher_forced_pass_without_dropou
             baseline=baseline if baseline is None else LeaveOneOutBaseline(samples=3),
             log_probs_from_rollout=from_rollout,
         )
-        objective.setup(datamodule)
+        objective.setup(datamodule.training_data())
         torch.manual_seed(1)
         output = objective(captioner, batch)
         output.loss.backward()
@@ -560,6 +560,6 @@ def test_log_probs_from_the_rollout_refuse_gradient_checkpointing(world_batch) -
     captioner = tiny_captioner(datamodule.clip_dim, trainable=True).train()
     enable_activation_checkpointing(captioner.lm.model, use_reentrant=False)
     objective = DiscriTune(log_probs_from_rollout=True)
-    objective.setup(datamodule)
+    objective.setup(datamodule.training_data())
     with pytest.raises(ValueError, match="gradient checkpointing"):
         objective(captioner, batch)

@@ -226,15 +226,8 @@ def test_padded_two_process_validation_equals_one_process(
 # --------------------------------------------------------------------------------------------------- FSDP
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_models import save_tiny_llama
-
-    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
-
-
 def test_the_fsdp_config_builds_its_strategy_around_a_tiny_llama(
-    tiny_world: Path, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_world: Path, llama_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``llama2_fsdp_ce.yaml`` as shipped, its LM a tiny LLaMA and its data the synthetic world: the trainer
     gets an FSDPStrategy that wraps and checkpoints each LLaMA decoder layer, shards fully, saves sharded
@@ -264,7 +257,7 @@ def test_the_fsdp_config_builds_its_strategy_around_a_tiny_llama(
     monkeypatch.setattr(_AcceleratorConnector, "_check_strategy_and_fallback", check_as_if_on_gpus)
     cli = lightning_cli(
         ["fit", "--config", str(FSDP_CONFIG),
-         f"--model.captioner.init_args.language_model.init_args.pretrained={tiny_llama}",
+         f"--model.captioner.init_args.language_model.init_args.pretrained={llama_folder}",
          "--data=clipcap.training.SyntheticCaptions", f"--data.init_args.world_dir={tiny_world}",
          f"--data.init_args.features_dir={tiny_world / 'features'}", "--data.init_args.clip_model=synthetic:clip",
          "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false", "--trainer.accelerator=cpu",

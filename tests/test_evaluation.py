@@ -27,14 +27,8 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false"]
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint trained for a few steps on the tiny world."""
-    root = tmp_path_factory.mktemp("trained")
-    cli = lightning_cli(
-        ["fit", "--config", CE_CONFIG, "--trainer.default_root_dir", str(root), "--trainer.max_epochs=1",
-         "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1", *QUIET]
-    )  # fmt: skip
-    return Path(cli.trainer.checkpoint_callback.last_model_path)
+def trained(trained_checkpoint: Path) -> Path:
+    return trained_checkpoint
 
 
 def run_test(checkpoint: Path, root: Path, *extra: str):

@@ -41,11 +41,6 @@ from tiny_models import tiny_clip_model
 # --------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module")
-def encoder() -> ClipEncoder:
-    return ClipEncoder.from_model(tiny_clip_model(seed=0), name="tiny")
-
-
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
@@ -97,8 +92,8 @@ def bad_entries(folder: Path) -> list[ImageEntry]:
     ]
 
 
-def encode_one(encoder: ClipEncoder, entry: ImageEntry) -> np.ndarray:
-    return encoder.encode_pil([load_image(entry.image, entry.image_id)])[0].numpy()
+def encode_one(tiny_clip_encoder: ClipEncoder, entry: ImageEntry) -> np.ndarray:
+    return tiny_clip_encoder.encode_pil([load_image(entry.image, entry.image_id)])[0].numpy()
 
 
 # ---------------------------------------------------------------------------------------- load_image
@@ -273,25 +268,29 @@ def test_forked_worker_opens_its_own_shard(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- grid features
 
 
-def test_grid_features_from_one_forward_pass(encoder: ClipEncoder) -> None:
-    pixels = encoder.preprocess([noise(40, 30, seed=1), noise(32, 32, seed=2)])
+def test_grid_features_from_one_forward_pass(tiny_clip_encoder: ClipEncoder) -> None:
+    pixels = tiny_clip_encoder.preprocess([noise(40, 30, seed=1), noise(32, 32, seed=2)])
     calls = []
-    hook = encoder.model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+    hook = tiny_clip_encoder.model.vision_model.register_forward_hook(lambda *args: calls.append(1))
     try:
-        pooled, grid = encoder.encode_images_and_grid(pixels)
+        pooled, grid = tiny_clip_encoder.encode_images_and_grid(pixels)
     finally:
         hook.remove()
     assert len(calls) == 1
-    assert pooled.shape == (2, 16) and grid.shape == (2, encoder.grid_size, 16) and encoder.grid_size == 16
+    assert (
+        pooled.shape == (2, 16)
+        and grid.shape == (2, tiny_clip_encoder.grid_size, 16)
+        and tiny_clip_encoder.grid_size == 16
+    )
     with torch.no_grad():
-        expected_pooled = encoder.model.get_image_features(pixel_values=pixels).pooler_output
-        hidden = encoder.model.vision_model(pixel_values=pixels).last_hidden_state
-        expected_grid = encoder.model.visual_projection(
-            encoder.model.vision_model.post_layernorm(hidden[:, 1:])
+        expected_pooled = tiny_clip_encoder.model.get_image_features(pixel_values=pixels).pooler_output
+        hidden = tiny_clip_encoder.model.vision_model(pixel_values=pixels).last_hidden_state
+        expected_grid = tiny_clip_encoder.model.visual_projection(
+            tiny_clip_encoder.model.vision_model.post_layernorm(hidden[:, 1:])
         )
     torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=0)
     torch.testing.assert_close(grid, expected_grid)
-    torch.testing.assert_close(encoder.encode_image_grid(pixels), grid)
+    torch.testing.assert_close(tiny_clip_encoder.encode_image_grid(pixels), grid)
     assert not torch.allclose(grid[:, 0], grid[:, 1])  # patches differ from each other
 
 
@@ -370,13 +369,13 @@ def test_inconsistent_grid_is_refused(tmp_path: Path, how: str, error: type, mat
 
 
 def test_bad_images_are_skipped_and_the_rest_match_direct_encoding(
-    encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path
+    tiny_clip_encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path
 ) -> None:
     bad = bad_entries(tmp_path / "bad")
     entries = [*good_entries[:2], bad[0], *good_entries[2:4], *bad[1:], *good_entries[4:]]
     folder = tmp_path / "features" / "train"
     report = extract_entries(
-        encoder, entries, folder, "toy", "train", batch_size=3, progress=False, max_pixels=5000
+        tiny_clip_encoder, entries, folder, "toy", "train", batch_size=3, progress=False, max_pixels=5000
     )
     assert report.complete and report.images == 11 and report.extracted == 7
     assert [(item["image_id"], item["reason"]) for item in report.skipped] == [
@@ -389,39 +388,44 @@ def test_bad_images_are_skipped_and_the_rest_match_direct_encoding(
     assert report.captions == sum(len(entry.references) for entry in good_entries) == 13
     assert json.loads(report.to_json())["extracted"] == 7
 
-    cache = FeatureCache.open(folder, expect=cache_expectation(encoder, "toy", "train"))
+    cache = FeatureCache.open(folder, expect=cache_expectation(tiny_clip_encoder, "toy", "train"))
     assert cache.image_ids == [entry.image_id for entry in good_entries]
-    expected = np.stack([encode_one(encoder, entry) for entry in good_entries])
+    expected = np.stack([encode_one(tiny_clip_encoder, entry) for entry in good_entries])
     np.testing.assert_allclose(cache.features, expected, rtol=1e-5, atol=1e-5)
     assert cache.grid is None and cache.meta["skipped"] == report.skipped
     assert sorted(path.name for path in folder.parent.iterdir()) == ["train"]  # partial folder removed
 
 
 def test_duplicates_and_bad_arguments_fail_before_any_work(
-    encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path
+    tiny_clip_encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path
 ) -> None:
     folder = tmp_path / "features" / "train"
     with pytest.raises(ValueError, match="duplicate image ids 'img1'"):
-        extract_entries(encoder, [*good_entries, good_entries[1]], folder, "toy", "train", progress=False)
+        extract_entries(
+            tiny_clip_encoder, [*good_entries, good_entries[1]], folder, "toy", "train", progress=False
+        )
     with pytest.raises(ValueError, match="shard"):
-        extract_entries(encoder, good_entries, folder, "toy", "train", shard=(2, 2), progress=False)
+        extract_entries(tiny_clip_encoder, good_entries, folder, "toy", "train", shard=(2, 2), progress=False)
     not_a_cache = tmp_path / "photos"
     not_a_cache.mkdir()
     (not_a_cache / "holiday.jpg").write_bytes(b"precious")
     with pytest.raises(FileExistsError, match="not a feature cache"):
-        extract_entries(encoder, good_entries, not_a_cache, "toy", "train", progress=False)
+        extract_entries(tiny_clip_encoder, good_entries, not_a_cache, "toy", "train", progress=False)
     assert not (tmp_path / "features").exists() and not partial_folder(not_a_cache).exists()
 
 
 def test_resume_after_kill_is_byte_identical(
-    encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_clip_encoder: ClipEncoder,
+    good_entries: list[ImageEntry],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     entries = [*good_entries, *bad_entries(tmp_path / "bad")[:1]]  # 8 entries: 4 chunks of 2
     reference = tmp_path / "uninterrupted"
-    extract_entries(encoder, entries, reference, "toy", "train", batch_size=2, progress=False)
+    extract_entries(tiny_clip_encoder, entries, reference, "toy", "train", batch_size=2, progress=False)
 
     folder = tmp_path / "resumed"
-    real_encode = encoder.encode_images
+    real_encode = tiny_clip_encoder.encode_images
     calls = []
 
     kill_at = [3]
@@ -432,9 +436,9 @@ def test_resume_after_kill_is_byte_identical(
             raise SimulatedKill
         return real_encode(pixels)
 
-    monkeypatch.setattr(encoder, "encode_images", killed_on_third_batch)
+    monkeypatch.setattr(tiny_clip_encoder, "encode_images", killed_on_third_batch)
     with pytest.raises(SimulatedKill):
-        extract_entries(encoder, entries, folder, "toy", "train", batch_size=2, progress=False)
+        extract_entries(tiny_clip_encoder, entries, folder, "toy", "train", batch_size=2, progress=False)
     partial = partial_folder(folder)
     assert sorted(path.name for path in partial.glob("chunk-*.json")) == [
         "chunk-000000.json",
@@ -446,7 +450,7 @@ def test_resume_after_kill_is_byte_identical(
 
     calls.clear()
     kill_at.clear()
-    report = extract_entries(encoder, entries, folder, "toy", "train", batch_size=2, progress=False)
+    report = extract_entries(tiny_clip_encoder, entries, folder, "toy", "train", batch_size=2, progress=False)
     assert calls == [2, 1]  # only chunks 2 and 3 (whose second image is missing) are encoded again
     assert report.complete and report.extracted == 7 and len(report.skipped) == 1
     assert files_in(folder) == files_in(reference)  # features.npy, image_ids.json, meta.json: same bytes
@@ -454,33 +458,42 @@ def test_resume_after_kill_is_byte_identical(
 
 
 def test_an_up_to_date_cache_is_kept_unless_forced(
-    encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_clip_encoder: ClipEncoder,
+    good_entries: list[ImageEntry],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     folder = tmp_path / "cache"
-    first = extract_entries(encoder, good_entries, folder, "toy", "train", batch_size=2, progress=False)
+    first = extract_entries(
+        tiny_clip_encoder, good_entries, folder, "toy", "train", batch_size=2, progress=False
+    )
     written = files_in(folder)
-    real_encode = encoder.encode_images
+    real_encode = tiny_clip_encoder.encode_images
     calls = []
 
     def counting(pixels: torch.Tensor) -> torch.Tensor:
         calls.append(pixels.shape[0])
         return real_encode(pixels)
 
-    monkeypatch.setattr(encoder, "encode_images", counting)
-    again = extract_entries(encoder, good_entries, folder, "toy", "train", batch_size=2, progress=False)
+    monkeypatch.setattr(tiny_clip_encoder, "encode_images", counting)
+    again = extract_entries(
+        tiny_clip_encoder, good_entries, folder, "toy", "train", batch_size=2, progress=False
+    )
     assert calls == [] and files_in(folder) == written
     assert (again.complete, again.extracted, again.captions) == (True, first.extracted, first.captions)
-    extract_entries(encoder, good_entries[:-1], folder, "toy", "train", batch_size=2, progress=False)
+    extract_entries(
+        tiny_clip_encoder, good_entries[:-1], folder, "toy", "train", batch_size=2, progress=False
+    )
     assert calls, "other images: the cache is not up to date"
     calls.clear()
     extract_entries(
-        encoder, good_entries[:-1], folder, "toy", "train", batch_size=2, progress=False, force=True
+        tiny_clip_encoder, good_entries[:-1], folder, "toy", "train", batch_size=2, progress=False, force=True
     )
     assert calls
 
 
 def test_changed_request_starts_the_partial_folder_over(
-    encoder: ClipEncoder,
+    tiny_clip_encoder: ClipEncoder,
     good_entries: list[ImageEntry],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -488,43 +501,45 @@ def test_changed_request_starts_the_partial_folder_over(
 ) -> None:
     folder = tmp_path / "features"
 
-    real_encode = encoder.encode_images
+    real_encode = tiny_clip_encoder.encode_images
 
     def killed_on_last_chunk(pixels: torch.Tensor) -> torch.Tensor:
         if len(pixels) == 1:
             raise SimulatedKill
         return real_encode(pixels)
 
-    monkeypatch.setattr(encoder, "encode_images", killed_on_last_chunk)
+    monkeypatch.setattr(tiny_clip_encoder, "encode_images", killed_on_last_chunk)
     with pytest.raises(SimulatedKill):  # chunks of 2 then a last chunk of 1 image
-        extract_entries(encoder, good_entries, folder, "toy", "train", batch_size=2, progress=False)
+        extract_entries(tiny_clip_encoder, good_entries, folder, "toy", "train", batch_size=2, progress=False)
     assert len(list(partial_folder(folder).glob("chunk-*.json"))) == 3
     monkeypatch.undo()
 
     with caplog.at_level(logging.WARNING, logger="clipcap.features.extract"):
-        report = extract_entries(encoder, good_entries, folder, "toy", "train", batch_size=3, progress=False)
+        report = extract_entries(
+            tiny_clip_encoder, good_entries, folder, "toy", "train", batch_size=3, progress=False
+        )
     assert "starting it over" in caplog.text
     assert report.complete
     fresh = tmp_path / "fresh"
-    extract_entries(encoder, good_entries, fresh, "toy", "train", batch_size=3, progress=False)
+    extract_entries(tiny_clip_encoder, good_entries, fresh, "toy", "train", batch_size=3, progress=False)
     assert files_in(folder) == files_in(fresh)
 
 
 def test_shards_fill_one_partial_folder(
-    encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path
+    tiny_clip_encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path
 ) -> None:
     reference = tmp_path / "single"
-    extract_entries(encoder, good_entries, reference, "toy", "train", batch_size=2, progress=False)
+    extract_entries(tiny_clip_encoder, good_entries, reference, "toy", "train", batch_size=2, progress=False)
 
     folder = tmp_path / "sharded"
     first = extract_entries(
-        encoder, good_entries, folder, "toy", "train", batch_size=2, shard=(0, 2), progress=False
+        tiny_clip_encoder, good_entries, folder, "toy", "train", batch_size=2, shard=(0, 2), progress=False
     )
     assert not first.complete and not folder.exists()
     assert first.extracted == 4  # chunks 0 and 2: img0, img1, img4, img5
     assert first.captions == sum(len(good_entries[i].references) for i in (0, 1, 4, 5))
     second = extract_entries(
-        encoder, good_entries, folder, "toy", "train", batch_size=2, shard=(1, 2), progress=False
+        tiny_clip_encoder, good_entries, folder, "toy", "train", batch_size=2, shard=(1, 2), progress=False
     )
     assert second.complete and second.extracted == 7
     assert files_in(folder) == files_in(reference)
@@ -532,10 +547,15 @@ def test_shards_fill_one_partial_folder(
 
 
 def test_a_shard_that_waited_for_the_lock_finds_the_cache_assembled(
-    encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_clip_encoder: ClipEncoder,
+    good_entries: list[ImageEntry],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     folder = tmp_path / "sharded"
-    extract_entries(encoder, good_entries, folder, "toy", "train", batch_size=2, shard=(0, 2), progress=False)
+    extract_entries(
+        tiny_clip_encoder, good_entries, folder, "toy", "train", batch_size=2, shard=(0, 2), progress=False
+    )
     real_assemble = extract_module._assemble_or_find
     assembled_by_other = []
 
@@ -546,7 +566,7 @@ def test_a_shard_that_waited_for_the_lock_finds_the_cache_assembled(
 
     monkeypatch.setattr(extract_module, "_assemble_or_find", other_shard_assembles_first)
     report = extract_entries(
-        encoder, good_entries, folder, "toy", "train", batch_size=2, shard=(1, 2), progress=False
+        tiny_clip_encoder, good_entries, folder, "toy", "train", batch_size=2, shard=(1, 2), progress=False
     )
     assert assembled_by_other[0] is not None
     assert report.complete and report.extracted == 7
@@ -571,28 +591,30 @@ def test_partial_lock_is_exclusive(tmp_path: Path) -> None:
     assert len(entered) == 1 and entered[0] >= released
 
 
-def test_grid_extraction(encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path) -> None:
+def test_grid_extraction(
+    tiny_clip_encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path
+) -> None:
     entries = good_entries[:5]
     plain = tmp_path / "plain"
-    extract_entries(encoder, entries, plain, "toy", "train", batch_size=2, progress=False)
+    extract_entries(tiny_clip_encoder, entries, plain, "toy", "train", batch_size=2, progress=False)
     folder = tmp_path / "grid"
     report = extract_entries(
-        encoder, entries, folder, "toy", "train", batch_size=2, grid=True, progress=False
+        tiny_clip_encoder, entries, folder, "toy", "train", batch_size=2, grid=True, progress=False
     )
     assert report.grid and report.complete
-    cache = FeatureCache.open(folder, expect=cache_expectation(encoder, "toy", "train"))
+    cache = FeatureCache.open(folder, expect=cache_expectation(tiny_clip_encoder, "toy", "train"))
     assert cache.grid.shape == (5, 16, 16) and cache.meta["grid_shape"] == [16, 16]
     # One forward pass yields the same pooled features as a pooled-only extraction.
     assert (folder / "features.npy").read_bytes() == (plain / "features.npy").read_bytes()
     for row, entry in enumerate(entries):
-        pixels = encoder.preprocess([load_image(entry.image, entry.image_id)])
+        pixels = tiny_clip_encoder.preprocess([load_image(entry.image, entry.image_id)])
         np.testing.assert_allclose(
-            cache.get_grid(entry.image_id), encoder.encode_image_grid(pixels)[0], atol=1e-5
+            cache.get_grid(entry.image_id), tiny_clip_encoder.encode_image_grid(pixels)[0], atol=1e-5
         )
-        np.testing.assert_allclose(cache.features[row], encode_one(encoder, entry), atol=1e-5)
+        np.testing.assert_allclose(cache.features[row], encode_one(tiny_clip_encoder, entry), atol=1e-5)
 
     half = extract_entries(
-        encoder,
+        tiny_clip_encoder,
         entries,
         tmp_path / "half",
         "toy",
@@ -610,7 +632,7 @@ def test_grid_extraction(encoder: ClipEncoder, good_entries: list[ImageEntry], t
 
 
 def test_workers_and_tar_shards_give_the_same_cache(
-    encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path
+    tiny_clip_encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path
 ) -> None:
     shard = tmp_path / "00000.tar"
     with tarfile.open(shard, "w") as archive:
@@ -620,35 +642,54 @@ def test_workers_and_tar_shards_give_the_same_cache(
         ImageEntry(entry.image_id, f"{shard}::{Path(entry.image).name}", entry.references, "train")
         for entry in good_entries[:3]
     ] + good_entries[3:]
-    assert pickle.loads(pickle.dumps(encoder.preprocess)) == encoder.preprocess  # what each worker receives
+    assert (
+        pickle.loads(pickle.dumps(tiny_clip_encoder.preprocess)) == tiny_clip_encoder.preprocess
+    )  # what each worker receives
     close_shards()
     load_image(entries[0].image, "img0")  # this process has the shard open before the workers fork
     assert open_shard_count() == 1
     serial = tmp_path / "serial"
-    extract_entries(encoder, good_entries, serial, "toy", "train", batch_size=2, progress=False)
+    extract_entries(tiny_clip_encoder, good_entries, serial, "toy", "train", batch_size=2, progress=False)
     parallel = tmp_path / "parallel"
     report = extract_entries(
-        encoder, entries, parallel, "toy", "train", batch_size=2, num_workers=2, progress=False
+        tiny_clip_encoder, entries, parallel, "toy", "train", batch_size=2, num_workers=2, progress=False
     )
     assert report.complete and report.extracted == 7
     assert (parallel / "features.npy").read_bytes() == (serial / "features.npy").read_bytes()
     close_shards()
 
 
-def test_summary_merges_splits(encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path) -> None:
+def test_summary_merges_splits(
+    tiny_clip_encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path
+) -> None:
     root = tmp_path / "features"
     bad = bad_entries(tmp_path / "bad")
     train = extract_entries(
-        encoder, [*good_entries[:4], bad[0]], root / "train", "toy", "train", batch_size=2, progress=False
+        tiny_clip_encoder,
+        [*good_entries[:4], bad[0]],
+        root / "train",
+        "toy",
+        "train",
+        batch_size=2,
+        progress=False,
     )
     path = write_summary(
         root, [train], dropped_empty_captions={"train": 3}, annotation_notes={"train": {"repeated_images": 2}}
     )
     assert path == root / "summary.json"
     val_entries = [ImageEntry(e.image_id, e.image, e.references, "val") for e in good_entries[4:]]
-    val = extract_entries(encoder, val_entries, root / "val", "toy", "val", batch_size=2, progress=False)
+    val = extract_entries(
+        tiny_clip_encoder, val_entries, root / "val", "toy", "val", batch_size=2, progress=False
+    )
     shard_only = extract_entries(
-        encoder, good_entries, root / "test", "toy", "test", batch_size=2, shard=(0, 2), progress=False
+        tiny_clip_encoder,
+        good_entries,
+        root / "test",
+        "toy",
+        "test",
+        batch_size=2,
+        shard=(0, 2),
+        progress=False,
     )
     write_summary(root, [val, shard_only], dropped_empty_captions={"val": 0})
 
@@ -674,20 +715,23 @@ def test_summary_merges_splits(encoder: ClipEncoder, good_entries: list[ImageEnt
 
 
 def test_an_image_with_non_finite_features_is_skipped_and_named(
-    encoder: ClipEncoder, good_entries: list[ImageEntry], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_clip_encoder: ClipEncoder,
+    good_entries: list[ImageEntry],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A NaN from the encoder (an fp16 overflow, a broken model) must not reach the cache: the image is
+    """A NaN from the tiny_clip_encoder (an fp16 overflow, a broken model) must not reach the cache: the image is
     skipped and reported, as an unreadable one is."""
-    original = type(encoder).encode_images
+    original = type(tiny_clip_encoder).encode_images
 
     def with_nan_for_the_third(self, pixels):
         features = original(self, pixels)
         features[2] = float("nan")
         return features
 
-    monkeypatch.setattr(type(encoder), "encode_images", with_nan_for_the_third)
+    monkeypatch.setattr(type(tiny_clip_encoder), "encode_images", with_nan_for_the_third)
     report = extract_entries(
-        encoder, good_entries, tmp_path / "cache", "toy", "train", batch_size=4, progress=False
+        tiny_clip_encoder, good_entries, tmp_path / "cache", "toy", "train", batch_size=4, progress=False
     )
     # Row 2 of each chunk of 4: img2 and img6.
     assert [(item["image_id"], item["reason"]) for item in report.skipped] == [

@@ -261,11 +261,6 @@ def test_matching_expectation_is_accepted(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- extraction
 
 
-@pytest.fixture(scope="module")
-def encoder() -> ClipEncoder:
-    return ClipEncoder.from_model(tiny_clip_model(seed=0), name="tiny")
-
-
 @pytest.fixture
 def image_files(tmp_path: Path) -> tuple[list[Path], list[str]]:
     rng = np.random.default_rng(0)
@@ -289,17 +284,26 @@ def image_files(tmp_path: Path) -> tuple[list[Path], list[str]]:
     return paths, ids
 
 
-def test_extraction_equals_direct_encoding(encoder: ClipEncoder, image_files, tmp_path: Path) -> None:
+def test_extraction_equals_direct_encoding(
+    tiny_clip_encoder: ClipEncoder, image_files, tmp_path: Path
+) -> None:
     paths, ids = image_files
     cache = extract_features(
-        encoder, paths, ids, tmp_path / "features", dataset="toy", split="train", batch_size=2, progress=False
+        tiny_clip_encoder,
+        paths,
+        ids,
+        tmp_path / "features",
+        dataset="toy",
+        split="train",
+        batch_size=2,
+        progress=False,
     )
     # Reference: transformers' own processor and CLIPModel, image by image.
     processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     with torch.no_grad():
         expected = torch.cat(
             [
-                encoder.model.get_image_features(
+                tiny_clip_encoder.model.get_image_features(
                     pixel_values=processor(images=[on_white(Image.open(path))], return_tensors="pt")[
                         "pixel_values"
                     ]
@@ -309,14 +313,16 @@ def test_extraction_equals_direct_encoding(encoder: ClipEncoder, image_files, tm
         ).numpy()
     assert cache.image_ids == ids
     np.testing.assert_allclose(cache.features, expected, rtol=1e-5, atol=1e-5)
-    assert cache.meta["clip"] == encoder.fingerprint()
-    assert cache.meta["preprocessing"] == encoder.preprocess.to_dict()
+    assert cache.meta["clip"] == tiny_clip_encoder.fingerprint()
+    assert cache.meta["preprocessing"] == tiny_clip_encoder.preprocess.to_dict()
     assert (cache.meta["dataset"], cache.meta["split"]) == ("toy", "train")
 
-    reopened = FeatureCache.open(tmp_path / "features", expect=cache_expectation(encoder, "toy", "train"))
+    reopened = FeatureCache.open(
+        tmp_path / "features", expect=cache_expectation(tiny_clip_encoder, "toy", "train")
+    )
     np.testing.assert_array_equal(reopened.get("img3"), cache.features[3])
     with pytest.raises(FeatureCacheMismatch, match="split: cached 'train', expected 'val'"):
-        FeatureCache.open(tmp_path / "features", expect=cache_expectation(encoder, "toy", "val"))
+        FeatureCache.open(tmp_path / "features", expect=cache_expectation(tiny_clip_encoder, "toy", "val"))
     other = ClipEncoder.from_model(tiny_clip_model(seed=1), name="tiny")  # same architecture, other weights
     with pytest.raises(FeatureCacheMismatch, match="clip.vision_weights_sha1"):
         FeatureCache.open(tmp_path / "features", expect=cache_expectation(other))
@@ -324,7 +330,7 @@ def test_extraction_equals_direct_encoding(encoder: ClipEncoder, image_files, tm
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "truncated"])
 def test_unreadable_image_is_named_and_skipped(
-    encoder: ClipEncoder, image_files, tmp_path: Path, problem: str
+    tiny_clip_encoder: ClipEncoder, image_files, tmp_path: Path, problem: str
 ) -> None:
     paths, ids = image_files
     broken = paths[3]
@@ -340,17 +346,19 @@ def test_unreadable_image_is_named_and_skipped(
     assert raised.value.image_id == "img3" and raised.value.path == broken
     # Extraction skips the image instead of failing; the cache holds the others.
     cache = extract_features(
-        encoder, paths, ids, tmp_path / "features", "toy", "train", batch_size=2, progress=False
+        tiny_clip_encoder, paths, ids, tmp_path / "features", "toy", "train", batch_size=2, progress=False
     )
     assert cache.image_ids == ["img0", "img1", "img2", "img4"]
     assert [item["image_id"] for item in cache.meta["skipped"]] == ["img3"]
 
 
-def test_extraction_checks_ids_before_encoding(encoder: ClipEncoder, image_files, tmp_path: Path) -> None:
+def test_extraction_checks_ids_before_encoding(
+    tiny_clip_encoder: ClipEncoder, image_files, tmp_path: Path
+) -> None:
     paths, ids = image_files
     with pytest.raises(ValueError, match="duplicate image ids 'img0'"):
         extract_features(
-            encoder, paths, ["img0"] * len(paths), tmp_path / "f", "toy", "train", progress=False
+            tiny_clip_encoder, paths, ["img0"] * len(paths), tmp_path / "f", "toy", "train", progress=False
         )
     with pytest.raises(ValueError, match="5 image paths but 4 image ids"):
-        extract_features(encoder, paths, ids[:4], tmp_path / "f", "toy", "train", progress=False)
+        extract_features(tiny_clip_encoder, paths, ids[:4], tmp_path / "f", "toy", "train", progress=False)

@@ -15,19 +15,10 @@ from clipcap.generation import stop_token_ids
 from clipcap.gumbel import GumbelRollout, SoftCaption, gumbel_rollout, gumbel_softmax_sample
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper
-from tiny_models import save_tiny_gpt2, save_tiny_llama
 
 CLIP_DIM = 16
 BATCH = 3
 ARCHS = ["gpt2", "llama"]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return {
-        "gpt2": save_tiny_gpt2(tmp_path_factory.mktemp("gpt2")),
-        "llama": save_tiny_llama(tmp_path_factory.mktemp("llama")),
-    }
 
 
 def make_captioner(folder: Path, trainable: bool = True, **lm_options) -> ClipCaptioner:

@@ -1,4 +1,4 @@
-"""The analytic memory estimate of LoRA training on a LLaMA-family LM (``clipcap.memory``): parameter counts
+"""The analytic memory estimate of LoRA training on a LLaMA-family LM (``benchmarks.memory_estimate``): parameter counts
 exact against real models, terms that scale as documented, and activations that match the tensors autograd
 really saves in a forward pass of a tiny LLaMA captioner."""
 
@@ -11,11 +11,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
 
-from clipcap.captioner import CaptionTokens, ClipCaptioner
-from clipcap.lm import PrefixLM
-from clipcap.lora import LoraSettings
-from clipcap.mapper import MLPMapper
-from clipcap.memory import (
+from benchmarks.memory_estimate import (
     CARD_BUDGETS,
     VIT_B32_CLIP_PARAMETERS,
     base_weight_bytes,
@@ -27,6 +23,10 @@ from clipcap.memory import (
     lora_parameter_count,
     mlp_mapper_parameter_count,
 )
+from clipcap.captioner import CaptionTokens, ClipCaptioner
+from clipcap.lm import PrefixLM
+from clipcap.lora import LoraSettings
+from clipcap.mapper import MLPMapper
 from clipcap.objectives.cross_entropy import token_cross_entropy
 from clipcap.objectives.rewards import caption_log_probs
 from tiny_models import save_tiny_llama
@@ -43,7 +43,7 @@ def numel(module: torch.nn.Module) -> int:
 
 
 @pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def llama64_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LLaMA: width 64, 4 heads, 2 key-value heads (grouped-query), MLP 128, 2 layers."""
     return save_tiny_llama(tmp_path_factory.mktemp("llama"), hidden=64)
 
@@ -93,8 +93,8 @@ def test_llama2_7b_has_its_known_parameter_count_and_fp16_weights() -> None:
 
 
 @pytest.mark.parametrize("targets", [None, ["k_proj", "o_proj"], ALL_LINEARS])
-def test_adapter_and_mapper_counts_match_a_tiny_lora_captioner(llama_folder: Path, targets) -> None:
-    captioner = tiny_captioner(llama_folder, target_modules=targets)
+def test_adapter_and_mapper_counts_match_a_tiny_lora_captioner(llama64_folder: Path, targets) -> None:
+    captioner = tiny_captioner(llama64_folder, target_modules=targets)
     config = captioner.lm.base_model.config
     adapters = sum(p.numel() for name, p in captioner.lm.named_parameters() if "lora_" in name)
     assert lora_parameter_count(config, rank=4, targets=targets) == adapters
@@ -239,11 +239,11 @@ def saved_tensor_bytes(captioner: ClipCaptioner, objective: str, batch: int, cap
     ],
 )
 def test_activations_match_the_tensors_autograd_saves(
-    llama_folder: Path, dtype: str, dropout: float, checkpointing: bool, objective: str
+    llama64_folder: Path, dtype: str, dropout: float, checkpointing: bool, objective: str
 ) -> None:
     targets = ["q_proj", "v_proj", "down_proj"]
     captioner = tiny_captioner(
-        llama_folder, dtype, dropout=dropout, target_modules=targets, gradient_checkpointing=checkpointing
+        llama64_folder, dtype, dropout=dropout, target_modules=targets, gradient_checkpointing=checkpointing
     )
     config = captioner.lm.base_model.config
     batch, caption_tokens = 4, 6

@@ -4,6 +4,7 @@ skipped."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +97,24 @@ def test_an_epoch_with_some_skipped_steps_goes_on(
         return ObjectiveOutput(loss=output.loss * float("nan")) if calls["count"] == 2 else output
 
     monkeypatch.setattr(CrossEntropy, "forward", sometimes_non_finite)
-    cli = lightning_cli(
-        ["fit", "--config", CE_CONFIG, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-         "--trainer.default_root_dir", str(tmp_path), *QUIET]
-    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = lightning_cli(
+            ["fit", "--config", CE_CONFIG, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+             "--trainer.default_root_dir", str(tmp_path), *QUIET]
+        )  # fmt: skip
     assert cli.trainer.state.finished and int(cli.model.skipped_steps) == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    said = [str(w.message) for w in caught if "no update from this batch" in str(w.message)]
+    assert said == [
+        "train step 1: CrossEntropy: non-finite loss; no update from this batch (1 skipped so far)"
+    ]
+    # A checkpoint written while objectives kept a second counter still loads (the key is dropped).
+    state = {**cli.model.state_dict(), "objective.skipped_steps": torch.tensor(1)}
+    checkpoint = {"state_dict": state}
+    cli.model.on_load_checkpoint(checkpoint)
+    assert "objective.skipped_steps" not in checkpoint["state_dict"]
+    cli.model.load_state_dict(checkpoint["state_dict"])
 
 
 def test_a_training_split_with_nothing_to_train_on_stops_the_run(tiny_world: Path, tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ def test_discritune_scores_captions_in_float32_under_bf16_autocast(
     torch.manual_seed(0)
     captioner = tiny_captioner(datamodule.clip_dim)
     objective = DiscriTune(rollout=DecodingConfig(max_new_tokens=8, stop_at_period=True))
-    objective.setup(datamodule)
+    objective.setup(datamodule.training_data())
     texts: list[list[str]] = []
     decode = DiscriTune._texts
     monkeypatch.setattr(
@@ -140,7 +140,7 @@ def test_gumbel_clip_cosine_is_float32_under_bf16_autocast(world, monkeypatch: p
     torch.manual_seed(0)
     captioner = tiny_captioner(datamodule.clip_dim)
     objective = GumbelClip(rollout=GumbelRollout(max_new_tokens=8))
-    objective.setup(datamodule)
+    objective.setup(datamodule.training_data())
     text = objective.text_path(captioner)
     seen: list[torch.Tensor] = []
     encode = text.encode

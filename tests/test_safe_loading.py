@@ -34,13 +34,8 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    cli = lightning_cli(
-        ["fit", "--config", CE_CONFIG, "--trainer.default_root_dir", str(root), "--trainer.max_epochs=1",
-         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", *QUIET]
-    )  # fmt: skip
-    return Path(cli.trainer.checkpoint_callback.last_model_path)
+def trained(trained_checkpoint: Path) -> Path:
+    return trained_checkpoint
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ G = patch tokens ``(S / patch size)²`` (576 at 384 px with 16 px patches).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from transformers import BlipVisionModel
 
 from clipcap.blip.checkpoint import BLIP_MODEL_TYPE, load_blip
 from clipcap.blip.preprocess import BlipImagePreprocessor
+from clipcap.frozen import FrozenEncoder
 from clipcap.pretrained import resolve_pretrained
 
 # Hashed by fingerprint(): the ends of the vision tower, which any retraining changes.
@@ -34,7 +34,7 @@ _FINGERPRINT_PARAMETERS = (
 )
 
 
-class BlipImageEncoder(torch.nn.Module):
+class BlipImageEncoder(FrozenEncoder):
     """BLIP's frozen vision transformer with its preprocessing; features as its decoder sees them.
 
     Like ``ClipEncoder``, it never trains (no gradients, eval mode whatever its parent's mode) and returns
@@ -61,32 +61,18 @@ class BlipImageEncoder(torch.nn.Module):
         cls, model: BlipVisionModel, preprocess: BlipImagePreprocessor | None = None, name: str = "custom"
     ) -> BlipImageEncoder:
         """Wraps an in-memory vision model (tests); BLIP's default preprocessing at its size if None."""
-        encoder = cls.__new__(cls)
-        torch.nn.Module.__init__(encoder)
+        encoder = cls._bare()
         preprocess = preprocess or BlipImagePreprocessor(image_size=model.config.image_size)
         encoder._setup(model, preprocess, name=name, path=name)
         return encoder
 
     def _setup(self, model: BlipVisionModel, preprocess: BlipImagePreprocessor, name: str, path: str) -> None:
-        self.model = model
-        self.model.requires_grad_(False)
-        self.preprocess = preprocess
-        self._name = name
-        self._path = path
+        self._hold(model, preprocess, name, path)
         if preprocess.image_size != model.config.image_size:
             raise ValueError(
                 f"BLIP {name!r}: its preprocessing resizes to {preprocess.image_size} px but the vision "
                 f"encoder takes {model.config.image_size} px images"
             )
-        self.eval()
-
-    def train(self, mode: bool = True) -> BlipImageEncoder:
-        """Ignores ``mode``: the encoder stays in eval mode because it is frozen."""
-        return super().train(False)
-
-    @property
-    def name(self) -> str:
-        return self._name
 
     @property
     def dim(self) -> int:
@@ -134,13 +120,7 @@ class BlipImageEncoder(torch.nn.Module):
         """A JSON-ready description of this vision encoder, recorded in feature caches to refuse mismatches
         (``model_type`` keeps it apart from every CLIP's)."""
         config = self.model.config
-        parameters = dict(self.model.named_parameters())
-        digest = hashlib.sha1()
-        for key in _FINGERPRINT_PARAMETERS:
-            tensor = parameters[key].detach().to(device="cpu", dtype=torch.float32).contiguous()
-            digest.update(key.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.numpy().tobytes())
+        sha1 = self._weights_sha1(_FINGERPRINT_PARAMETERS)
         return {
             "name": self._name,
             "path": self._path,
@@ -150,5 +130,5 @@ class BlipImageEncoder(torch.nn.Module):
             "patch_size": int(config.patch_size),
             "vision_hidden_size": int(config.hidden_size),
             "vision_layers": int(config.num_hidden_layers),
-            "vision_weights_sha1": digest.hexdigest()[:16],
+            "vision_weights_sha1": sha1,
         }

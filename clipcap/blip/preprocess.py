@@ -11,8 +11,7 @@ captioning checkpoints).
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -21,7 +20,6 @@ from clipcap.clip.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     PixelPreprocessor,
-    convert_to_rgb,
 )
 
 
@@ -42,26 +40,13 @@ class BlipImagePreprocessor(PixelPreprocessor):
     resample: int = int(Image.Resampling.BICUBIC)
     """PIL resampling filter of the resize (3 = bicubic, BLIP's)."""
 
+    FAMILY: ClassVar[str] = "BLIP"
+    DEFAULT_SIZE: ClassVar[int] = 384
+
     @classmethod
-    def from_pretrained(
-        cls, folder_or_name: str | os.PathLike[str], default_image_size: int | None = None
-    ) -> BlipImagePreprocessor:
-        """Reads ``preprocessor_config.json`` from a BLIP folder or Hugging Face name.
-
-        Args:
-            folder_or_name: local folder, or a Hugging Face name (looked up through the HF cache).
-            default_image_size: the side to use when there is no preprocessor config, e.g. the vision
-                model's ``image_size``; 384 if None.
-
-        Raises:
-            ValueError: the config asks for something else than a square resize (a crop, an
-                aspect-preserving resize, no normalisation...).
-        """
-        size = default_image_size or cls.image_size
-        config = cls._read_config(folder_or_name, "BLIP", size)
-        if config is None:
-            return cls(image_size=size)
-        return cls.from_config_dict(config, source=config.pop("_source"))
+    def at_size(cls, size: int) -> BlipImagePreprocessor:
+        """BLIP's default preprocessing: a square resize to ``size``."""
+        return cls(image_size=size)
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> BlipImagePreprocessor:
@@ -79,13 +64,7 @@ class BlipImagePreprocessor(PixelPreprocessor):
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, recorded in feature caches and compared when they are opened."""
-        return {
-            "resize": "square",
-            "image_size": self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "resample": self.resample,
-        }
+        return {"resize": "square", "image_size": self.image_size, **self._recorded_normalisation()}
 
     def to_hf_config(self) -> dict[str, Any]:
         """The same settings as a ``preprocessor_config.json`` that ``BlipImageProcessor`` reads."""
@@ -94,12 +73,7 @@ class BlipImagePreprocessor(PixelPreprocessor):
             "do_resize": True,
             "size": {"height": self.image_size, "width": self.image_size},
             "resample": self.resample,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(self.mean),
-            "image_std": list(self.std),
-            "do_convert_rgb": True,
+            **self._hf_rescale_and_normalise(),
         }
 
     def resized_pixels(self, width: int, height: int) -> int:
@@ -107,17 +81,8 @@ class BlipImagePreprocessor(PixelPreprocessor):
         images whose resize would exceed its pixel limit."""
         return self.image_size * self.image_size
 
-    def preprocess_image(self, image: Image.Image) -> np.ndarray:
-        """Preprocesses one image.
-
-        Args:
-            image: any PIL image (RGB, RGBA, L, P, ...).
-
-        Returns:
-            (3, S, S) float32 normalised pixels.
-        """
-        rgb = convert_to_rgb(image)
+    def resized(self, rgb: Image.Image) -> np.ndarray:
         size = (self.image_size, self.image_size)
         if rgb.size != size:
             rgb = rgb.resize(size, resample=self.resample)
-        return self.normalise(np.asarray(rgb))
+        return np.asarray(rgb)

@@ -46,6 +46,7 @@ from clipcap.clip.encoder import ClipEncoder
 from clipcap.clip.tokenizer import ClipTokenizer, _bytes_to_unicode, clean_caption_text, load_clip_tokenizer
 from clipcap.compat import causal_mask
 from clipcap.files import atomic_write_bytes
+from clipcap.frozen import keep_unregistered
 
 logger = logging.getLogger(__name__)
 
@@ -830,7 +831,7 @@ class SoftClipText(nn.Module):
 
     def __init__(self, clip: ClipEncoder, bridge: VocabularyBridge) -> None:
         super().__init__()
-        self.__dict__["_clip"] = clip
+        keep_unregistered(self, "_clip", clip)
         self.bridge = bridge
         with torch.no_grad():
             token_embedding = clip.model.text_model.embeddings.token_embedding.weight
@@ -850,7 +851,7 @@ class SoftClipText(nn.Module):
     @property
     def clip(self) -> ClipEncoder:
         """The frozen CLIP encoder."""
-        return self.__dict__["_clip"]
+        return self._clip
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> SoftClipText:
         # The CLIP is outside the module tree (no checkpoint copy); device and dtype moves still reach it.

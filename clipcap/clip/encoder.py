@@ -6,7 +6,6 @@ G = number of image patches (grid tokens), ``(S / patch size)²``.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ from transformers import CLIPModel
 
 from clipcap.clip.preprocess import ClipImagePreprocessor
 from clipcap.clip.tokenizer import CONTEXT_LENGTH, ClipTokenizer, load_clip_tokenizer
+from clipcap.frozen import FrozenEncoder
 from clipcap.pretrained import checkpoint_model_type, resolve_pretrained
 
 # Parameters hashed by ClipEncoder.fingerprint: the ends of the vision tower and its projection. Any
@@ -32,7 +32,7 @@ _FINGERPRINT_PARAMETERS = (
 )
 
 
-class ClipEncoder(torch.nn.Module):
+class ClipEncoder(FrozenEncoder):
     """Frozen CLIP image and text encoders returning projected (not normalised) embeddings.
 
     The model never trains: its parameters do not require gradients and :meth:`train` keeps it in eval
@@ -84,8 +84,7 @@ class ClipEncoder(torch.nn.Module):
             preprocess: its preprocessing; CLIP's defaults at the model's image size if None.
             name: recorded in :meth:`fingerprint`.
         """
-        encoder = cls.__new__(cls)
-        torch.nn.Module.__init__(encoder)
+        encoder = cls._bare()
         if preprocess is None:
             size = model.config.vision_config.image_size
             preprocess = ClipImagePreprocessor(image_size=size, resize_shortest_edge=size)
@@ -93,12 +92,8 @@ class ClipEncoder(torch.nn.Module):
         return encoder
 
     def _setup(self, model: CLIPModel, preprocess: ClipImagePreprocessor, name: str, path: str) -> None:
-        self.model = model
-        self.model.requires_grad_(False)
+        self._hold(model, preprocess, name, path)
         self.tokenizer: ClipTokenizer = load_clip_tokenizer()
-        self.preprocess = preprocess
-        self._name = name
-        self._path = path
         vision_size = model.config.vision_config.image_size
         if preprocess.image_size != vision_size:
             raise ValueError(
@@ -112,16 +107,6 @@ class ClipEncoder(torch.nn.Module):
                 f"{self.tokenizer.vocab_size} of openai CLIP's BPE vocabulary that ClipEncoder tokenizes with"
             )
         self.context_length = min(CONTEXT_LENGTH, model.config.text_config.max_position_embeddings)
-        self.eval()
-
-    def train(self, mode: bool = True) -> ClipEncoder:
-        """Ignores ``mode``: CLIP stays in eval mode (no dropout) because it is frozen."""
-        return super().train(False)
-
-    @property
-    def name(self) -> str:
-        """The name the encoder was created from (e.g. ``openai/clip-vit-base-patch32``)."""
-        return self._name
 
     @property
     def dim(self) -> int:
@@ -238,15 +223,7 @@ class ClipEncoder(torch.nn.Module):
         """
         vision = self.model.config.vision_config
         text = self.model.config.text_config
-        parameters = dict(self.model.named_parameters())
-        digest = hashlib.sha1()
-        for key in _FINGERPRINT_PARAMETERS:
-            if key not in parameters:
-                continue
-            tensor = parameters[key].detach().to(device="cpu", dtype=torch.float32).contiguous()
-            digest.update(key.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.numpy().tobytes())
+        sha1 = self._weights_sha1(_FINGERPRINT_PARAMETERS, skip_missing=True)
         return {
             "name": self._name,
             "path": self._path,
@@ -256,5 +233,5 @@ class ClipEncoder(torch.nn.Module):
             "vision_hidden_size": int(vision.hidden_size),
             "vision_layers": int(vision.num_hidden_layers),
             "text_hidden_size": int(text.hidden_size),
-            "vision_weights_sha1": digest.hexdigest()[:16],
+            "vision_weights_sha1": sha1,
         }

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -29,11 +29,15 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
+P = TypeVar("P", bound="PixelPreprocessor")
+
+
 class PixelPreprocessor:
     """What CLIP's and BLIP's preprocessors share: saving their config, normalising, batching.
 
-    Subclasses are frozen dataclasses with ``image_size``, ``mean`` and ``std``, and define
-    ``to_hf_config`` and ``preprocess_image``.
+    Subclasses are frozen dataclasses with ``image_size``, ``mean`` and ``std``; they set ``FAMILY`` and
+    ``DEFAULT_SIZE`` and define ``at_size``, ``from_config_dict``, ``to_dict``, ``to_hf_config`` and
+    ``resized``.
     """
 
     image_size: int
@@ -49,6 +53,46 @@ class PixelPreprocessor:
             raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
+
+    FAMILY: ClassVar[str]
+    """Whose preprocessing it is, in messages."""
+    DEFAULT_SIZE: ClassVar[int]
+    """The image size when neither a config nor the caller gives one."""
+
+    @classmethod
+    def at_size(cls: type[P], size: int) -> P:
+        """The family's default preprocessing at ``size`` px."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config_dict(cls: type[P], config: dict[str, Any], source: str = "config") -> P:
+        """Builds a preprocessor from the contents of a Hugging Face ``preprocessor_config.json``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(
+        cls: type[P], folder_or_name: str | os.PathLike[str], default_image_size: int | None = None
+    ) -> P:
+        """Reads ``preprocessor_config.json`` from a model folder or Hugging Face name.
+
+        Args:
+            folder_or_name: local folder, or a Hugging Face name (looked up through the HF cache).
+            default_image_size: the size to use when there is no preprocessor config, e.g. the vision
+                model's ``image_size``; ``DEFAULT_SIZE`` (CLIP's 224, BLIP's 384) if None.
+
+        Returns:
+            The preprocessor the config describes, or the family's default at that size if there is none.
+
+        Raises:
+            ValueError: the config asks for something this class does not implement (for CLIP, a
+                non-square crop or a resize to a fixed height and width; for BLIP, anything but a square
+                resize).
+        """
+        size = default_image_size or cls.DEFAULT_SIZE
+        config = cls._read_config(folder_or_name, cls.FAMILY, size)
+        if config is None:
+            return cls.at_size(size)
+        return cls.from_config_dict(config, source=config.pop("_source"))
 
     @classmethod
     def _read_config(
@@ -99,6 +143,18 @@ class PixelPreprocessor:
         raise NotImplementedError
 
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """Preprocesses one image.
+
+        Args:
+            image: any PIL image (RGB, RGBA, L, P, ...).
+
+        Returns:
+            (3, S, S) float32 normalised pixels.
+        """
+        return self.normalise(self.resized(convert_to_rgb(image)))
+
+    def resized(self, rgb: Image.Image) -> np.ndarray:
+        """(S, S, 3) uint8 pixels of an RGB image, resized (and cropped) as the image processor does."""
         raise NotImplementedError
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
@@ -107,6 +163,21 @@ class PixelPreprocessor:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_hf_config(), indent=2) + "\n", encoding="utf-8")
         return path
+
+    def _recorded_normalisation(self) -> dict[str, Any]:
+        """What every preprocessing records in a cache besides its resizing: mean, std, resampling."""
+        return {"mean": list(self.mean), "std": list(self.std), "resample": self.resample}
+
+    def _hf_rescale_and_normalise(self) -> dict[str, Any]:
+        """The ``preprocessor_config.json`` keys every image processor shares: RGB, rescale, normalise."""
+        return {
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_convert_rgb": True,
+        }
 
     def normalise(self, pixels: np.ndarray) -> np.ndarray:
         """(S, S, 3) uint8 pixels → (3, S, S) float32: scaled to [0, 1] in float64 and cast, then
@@ -158,29 +229,13 @@ class ClipImagePreprocessor(PixelPreprocessor):
         if self.resize_shortest_edge <= 0:
             raise ValueError(f"resize_shortest_edge must be positive, got {self.resize_shortest_edge}")
 
+    FAMILY: ClassVar[str] = "CLIP"
+    DEFAULT_SIZE: ClassVar[int] = 224
+
     @classmethod
-    def from_pretrained(
-        cls, folder_or_name: str | os.PathLike[str], default_image_size: int | None = None
-    ) -> ClipImagePreprocessor:
-        """Reads ``preprocessor_config.json`` from a model folder or Hugging Face name.
-
-        Args:
-            folder_or_name: local folder, or a Hugging Face name (looked up through the HF cache).
-            default_image_size: crop and resize size to use when there is no preprocessor config, e.g. the
-                vision model's ``image_size``; CLIP's 224 if None.
-
-        Returns:
-            The preprocessor the config describes, or CLIP's defaults if there is no config.
-
-        Raises:
-            ValueError: the config asks for something this class does not implement (non-square crop,
-                resize to a fixed height and width).
-        """
-        size = default_image_size or 224
-        config = cls._read_config(folder_or_name, "CLIP", size)
-        if config is None:
-            return cls(image_size=size, resize_shortest_edge=size)
-        return cls.from_config_dict(config, source=config.pop("_source"))
+    def at_size(cls, size: int) -> ClipImagePreprocessor:
+        """CLIP's default preprocessing at ``size``: resize the short side to it, centre-crop a square."""
+        return cls(image_size=size, resize_shortest_edge=size)
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> ClipImagePreprocessor:
@@ -213,9 +268,7 @@ class ClipImagePreprocessor(PixelPreprocessor):
         return {
             "image_size": self.image_size,
             "resize_shortest_edge": self.resize_shortest_edge,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "resample": self.resample,
+            **self._recorded_normalisation(),
         }
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -227,12 +280,7 @@ class ClipImagePreprocessor(PixelPreprocessor):
             "resample": self.resample,
             "do_center_crop": True,
             "crop_size": {"height": self.image_size, "width": self.image_size},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(self.mean),
-            "image_std": list(self.std),
-            "do_convert_rgb": True,
+            **self._hf_rescale_and_normalise(),
         }
 
     def resized_pixels(self, width: int, height: int) -> int:
@@ -242,16 +290,7 @@ class ClipImagePreprocessor(PixelPreprocessor):
         short, long = sorted((width, height))
         return self.resize_shortest_edge * int(self.resize_shortest_edge * long / short)
 
-    def preprocess_image(self, image: Image.Image) -> np.ndarray:
-        """Preprocesses one image.
-
-        Args:
-            image: any PIL image (RGB, RGBA, L, P, ...).
-
-        Returns:
-            (3, S, S) float32 normalised pixels.
-        """
-        rgb = convert_to_rgb(image)
+    def resized(self, rgb: Image.Image) -> np.ndarray:
         width, height = rgb.size
         # Same size rule as transformers' get_resize_output_image_size: the long side is truncated,
         # not rounded, so e.g. 640x427 -> 335x224 rather than 336x224.
@@ -260,7 +299,7 @@ class ClipImagePreprocessor(PixelPreprocessor):
         new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
         if (new_width, new_height) != (width, height):
             rgb = rgb.resize((new_width, new_height), resample=self.resample)
-        return self.normalise(_center_crop(np.asarray(rgb), self.image_size))
+        return _center_crop(np.asarray(rgb), self.image_size)
 
 
 def find_preprocessor_config(folder_or_name: str | os.PathLike[str]) -> Path | None:

@@ -130,6 +130,16 @@ def features(
         if precision != torch.float32
         else contextlib.nullcontext()
     )
+    options = {
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "grid": grid,
+        "grid_dtype": grid_dtype,
+        "shard": shard_of,
+        "progress": progress,
+        "max_pixels": max_pixels or None,
+        "force": force,
+    }
     reports = {}
     dropped = {}
     notes = {}
@@ -138,20 +148,9 @@ def features(
         dropped[split] = annotations.dropped_empty_captions
         notes[split] = annotations.notes
         with autocast:
+            folder = datamodule.feature_folder(split)
             reports[split] = extract_entries(
-                encoder,
-                annotations.entries,
-                datamodule.feature_folder(split),
-                dataset=datamodule.dataset_name,
-                split=split,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                grid=grid,
-                grid_dtype=grid_dtype,
-                shard=shard_of,
-                progress=progress,
-                max_pixels=max_pixels or None,
-                force=force,
+                encoder, annotations.entries, folder, dataset=datamodule.dataset_name, split=split, **options
             )
         report = reports[split]
         print(

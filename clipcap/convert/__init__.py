@@ -15,9 +15,6 @@ both use (the state dict inside a file, checks of names and shapes).
 
 ``clipcap convert`` reads files with ``torch.load(weights_only=True)`` (no pickled code runs), except
 TorchScript archives, which only ``torch.jit.load`` reads.
-
-Shapes: D_clip CLIP feature size, H the MLP's hidden width, P prefix length, C the Transformer mapper's
-``clip_length``, D the LM's width, V its vocabulary, B batch.
 """
 
 from __future__ import annotations
@@ -53,14 +50,6 @@ from clipcap.convert.openai_clip import (
     openai_clip_key_map,
     openai_clip_to_hf,
 )
-from clipcap.convert.weights import (
-    StateDict,
-    check_weights_fit,
-    layer_count,
-    require_weight,
-    shape_of,
-    state_dict_of,
-)
 
 __all__ = [
     "CLIPCAP_LM_PREFIX",
@@ -73,9 +62,7 @@ __all__ = [
     "DISCRITUNE_PREFIX",
     "MapperWeights",
     "OriginalCaptioner",
-    "StateDict",
     "captioner_config",
-    "check_weights_fit",
     "clipcap_mapper_weights",
     "convert_clipcap",
     "convert_discritune",
@@ -83,7 +70,6 @@ __all__ = [
     "find_clipcap_prefix",
     "gpt2_config",
     "gpt2_weights",
-    "layer_count",
     "load_converted_mapper",
     "load_original_captioner_weights",
     "model_config_overlay",
@@ -92,8 +78,5 @@ __all__ = [
     "openai_clip_to_hf",
     "original_captioner",
     "read_original_captioner",
-    "require_weight",
-    "shape_of",
-    "state_dict_of",
     "write_converted_captioner",
 ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,21 +102,12 @@ def read_karpathy(
         )
         raise ValueError(f"split must be one of {', '.join(wanted)}, got {split!r}{hint}")
     path = Path(path)
-    images = _field(_load_json_object(path), "images", list, path, "top level")
     seen = _SeenImages(path)
     entries: list[ImageEntry] = []
     dropped = 0
-    for index, item in enumerate(images):
-        record = _record_name("images", index, item, "imgid")
-        item = _as_object(item, path, record, "images")
-        filename = _field(item, "filename", str, path, record)
+    for record, item, filename, file_split in _image_records(path, "imgid", KARPATHY_SPLITS):
         filepath = _field(item, "filepath", str, path, record, required=False)
         cocoid = _field(item, "cocoid", (int, str), path, record, required=False)
-        file_split = _field(item, "split", str, path, record)
-        if file_split not in KARPATHY_SPLITS:
-            raise AnnotationError(
-                path, record, "split", f"has unknown value {file_split!r} (expected one of {KARPATHY_SPLITS})"
-            )
         raw_captions = []
         for position, sentence in enumerate(_field(item, "sentences", list, path, record)):
             sentence_record = f"{record} sentences[{position}]"
@@ -212,19 +203,10 @@ def read_concadia(
     if split not in CONCADIA_SPLITS:
         raise ValueError(f"split must be one of {', '.join(CONCADIA_SPLITS)}, got {split!r}")
     path = Path(path)
-    images = _field(_load_json_object(path), "images", list, path, "top level")
     seen = _SeenImages(path)
     entries: list[ImageEntry] = []
     dropped = 0
-    for index, item in enumerate(images):
-        record = _record_name("images", index, item, "filename")
-        item = _as_object(item, path, record, "images")
-        filename = _field(item, "filename", str, path, record)
-        file_split = _field(item, "split", str, path, record)
-        if file_split not in CONCADIA_SPLITS:
-            raise AnnotationError(
-                path, record, "split", f"has unknown value {file_split!r} (expected one of {CONCADIA_SPLITS})"
-            )
+    for record, item, filename, file_split in _image_records(path, "filename", CONCADIA_SPLITS):
         # Both texts are checked whichever is chosen, so a file is valid or not independently of `reference`.
         texts = {
             name: _field(_field(item, name, dict, path, record), "raw", str, path, f"{record} {name}")
@@ -576,6 +558,25 @@ def _field(
         wanted = " or ".join(_JSON_TYPE_NAMES[kind] for kind in expected_types)
         raise AnnotationError(path, record, key, f"must be {wanted}, got {_describe(value)}")
     return value
+
+
+def _image_records(
+    path: Path, id_key: str, splits: tuple[str, ...]
+) -> Iterator[tuple[str, dict[str, Any], str, str]]:
+    """Each item of the ``images`` list of a Karpathy-style file (COCO Karpathy, Flickr30k, Concadia) as
+    ``(record, item, filename, split)``, its ``filename`` and ``split`` fields checked (``record`` names it
+    in errors, by position and ``id_key``)."""
+    images = _field(_load_json_object(path), "images", list, path, "top level")
+    for index, item in enumerate(images):
+        record = _record_name("images", index, item, id_key)
+        item = _as_object(item, path, record, "images")
+        filename = _field(item, "filename", str, path, record)
+        file_split = _field(item, "split", str, path, record)
+        if file_split not in splits:
+            raise AnnotationError(
+                path, record, "split", f"has unknown value {file_split!r} (expected one of {splits})"
+            )
+        yield record, item, filename, file_split
 
 
 def _as_object(item: Any, path: Path, record: str, list_field: str) -> dict[str, Any]:

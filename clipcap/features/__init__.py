@@ -7,11 +7,11 @@ from clipcap.features.cache import (
     FeatureCacheError,
     FeatureCacheMismatch,
     RowBlocks,
+    cache_expectation,
     validate_image_ids,
 )
 from clipcap.features.extract import (
     ExtractionReport,
-    cache_expectation,
     extract_entries,
     extract_features,
     partial_folder,

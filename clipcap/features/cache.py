@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,6 +48,33 @@ INFORMATIONAL_CLIP_KEYS = frozenset({"name", "path"})
 """Fingerprint keys recorded for people, not compared: the same weights may be reached under another
 name or folder (``synthetic:clip`` vs the folder it resolves to), and the weight hash and config sizes
 already identify the model."""
+
+
+class CacheableEncoder(Protocol):
+    """What :func:`cache_expectation` reads of an image encoder (any
+    :class:`~clipcap.features.encoders.ImageEncoder` has it)."""
+
+    preprocess: Any
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+
+def cache_expectation(
+    encoder: CacheableEncoder, dataset: str | None = None, split: str | None = None
+) -> dict[str, Any]:
+    """What a feature cache must record to be usable with ``encoder``, for ``FeatureCache.open(expect=)``.
+
+    Args:
+        encoder: the CLIP the features will be used with.
+        dataset: dataset name to require, or None to accept any.
+        split: split to require, or None to accept any.
+    """
+    expect: dict[str, Any] = {"clip": encoder.fingerprint(), "preprocessing": encoder.preprocess.to_dict()}
+    if dataset is not None:
+        expect["dataset"] = dataset
+    if split is not None:
+        expect["split"] = split
+    return expect
 
 
 class FeatureCacheError(ValueError):

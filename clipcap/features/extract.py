@@ -62,6 +62,7 @@ from clipcap.features.cache import (
     INFORMATIONAL_CLIP_KEYS,
     FeatureCache,
     RowBlocks,
+    cache_expectation,
     validate_image_ids,
 )
 from clipcap.features.encoders import ImageEncoder, ImagePreprocessor
@@ -70,7 +71,6 @@ from clipcap.files import atomic_save_npy, atomic_write_json
 __all__ = [
     "ExtractionReport",
     "ImageReadError",
-    "cache_expectation",
     "extract_entries",
     "extract_features",
     "load_image",
@@ -123,24 +123,6 @@ class ExtractionReport:
     def to_json(self) -> str:
         """The report as a JSON string."""
         return json.dumps(self.to_dict(), indent=2)
-
-
-def cache_expectation(
-    encoder: ImageEncoder, dataset: str | None = None, split: str | None = None
-) -> dict[str, Any]:
-    """What a feature cache must record to be usable with ``encoder``, for ``FeatureCache.open(expect=)``.
-
-    Args:
-        encoder: the CLIP the features will be used with.
-        dataset: dataset name to require, or None to accept any.
-        split: split to require, or None to accept any.
-    """
-    expect: dict[str, Any] = {"clip": encoder.fingerprint(), "preprocessing": encoder.preprocess.to_dict()}
-    if dataset is not None:
-        expect["dataset"] = dataset
-    if split is not None:
-        expect["split"] = split
-    return expect
 
 
 def partial_folder(folder: str | os.PathLike[str]) -> Path:

@@ -22,6 +22,7 @@ import torch
 from torchmetrics import Metric
 
 from clipcap.clip.encoder import ClipEncoder
+from clipcap.frozen import keep_unregistered
 from clipcap.metrics.clip_scores import (
     clip_score,
     max_reference_similarity,
@@ -317,7 +318,7 @@ class ClipCaptionScores(_GatheredListMetric):
         self.num_images = len(self.references)
         self.groups = _check_groups(groups, self.num_images)
         # Kept out of nn.Module registration on purpose (see the class docstring).
-        self.__dict__["encoder"] = encoder
+        keep_unregistered(self, "encoder", encoder)
         self.prompt = prompt
         self.block_size = block_size
         self.num_distractors = num_distractors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,25 @@ from torch import nn
 
 from clipcap.captioner import Captioner
 from clipcap.data.batch import CaptionBatch
+from clipcap.features.cache import FeatureCache
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What an objective is told of the data it trains on, at :meth:`Objective.setup`. The training layer
+    builds it from its datamodule (:meth:`clipcap.training.data.CaptionDataModule.training_data`); an
+    objective never reads a datamodule or a trainer.
+
+    Attributes:
+        clip_model: the CLIP whose features the batches carry, or None when the data does not name it.
+        dataset: the dataset's name, which feature caches record (checked when one is opened).
+        train_features: opens the training split's feature cache (DiscriTune's distractor bank), or None
+            when there is no training data.
+    """
+
+    clip_model: str | None = None
+    dataset: str | None = None
+    train_features: Callable[[], FeatureCache] | None = None
 
 
 @dataclass
@@ -20,12 +40,14 @@ class ObjectiveOutput:
         loss: the scalar that is optimised.
         terms: named scalars worth logging (detached by the caller before logging).
         skip: the step must not update the weights (a non-finite reward or log-probability); the module
-            skips the optimizer step, warns and counts it.
+            skips the optimizer step, counts it and warns, once, with ``skip_reason``.
+        skip_reason: why, in the module's warning.
     """
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     skip: bool = False
+    skip_reason: str = ""
 
 
 class Objective(nn.Module, ABC):
@@ -38,7 +60,7 @@ class Objective(nn.Module, ABC):
     needs_captions: bool = True
     """Whether training batches must carry target captions (False for self-supervised objectives)."""
 
-    def setup(self, datamodule: object | None) -> None:
+    def setup(self, data: TrainingData) -> None:
         """Called once the data is known (``CaptionModule.setup``); objectives that need the data's CLIP
         load it here. The default does nothing."""
 

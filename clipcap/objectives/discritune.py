@@ -12,7 +12,6 @@ Legend for shapes: B images (and captions) in the batch, D CLIP embedding size, 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,8 +20,10 @@ import torch
 
 from clipcap.captioner import Captioner, CaptionTokens, ClipCaptioner
 from clipcap.data.batch import CaptionBatch
+from clipcap.features.cache import FeatureCache, cache_expectation
+from clipcap.frozen import keep_unregistered
 from clipcap.generation import DecodingConfig
-from clipcap.objectives.base import Objective, ObjectiveOutput
+from clipcap.objectives.base import Objective, ObjectiveOutput, TrainingData
 from clipcap.objectives.reference import check_reference_lm, reference_lm, start_token_id
 from clipcap.objectives.rewards import (
     Baseline,
@@ -37,8 +38,6 @@ from clipcap.objectives.rewards import (
     hard_negative_indices,
     reinforce_loss,
 )
-
-logger = logging.getLogger(__name__)
 
 LOG_PROB_NORMALISATIONS = ("egg", "mean")
 
@@ -155,13 +154,15 @@ class DiscriTune(Objective):
         self.hard_negatives = hard_negatives
         self.duplicate_threshold = duplicate_threshold
         self.log_probs_from_rollout = log_probs_from_rollout
-        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        # Frozen and large, or data: outside the module tree (no checkpoint copy, no optimizer).
+        for name in ("_receiver", "_receiver_caches", "_bank", "_bank_cache"):
+            keep_unregistered(self, name, None)
 
     # The receiver is frozen and large: it is kept out of the module tree so that checkpoints do not carry
     # a copy of it and optimizers never see it.
     @property
     def receiver(self):
-        receiver = self.__dict__.get("_receiver")
+        receiver = self._receiver
         if receiver is None:
             raise RuntimeError(
                 "DiscriTune has no receiver CLIP yet: it is loaded in setup() from receiver_clip or the "
@@ -171,12 +172,12 @@ class DiscriTune(Objective):
 
     def set_receiver(self, encoder) -> None:
         """Uses ``encoder`` (a ``ClipEncoder``) as the receiver, e.g. one already loaded."""
-        self.__dict__["_receiver"] = encoder
+        keep_unregistered(self, "_receiver", encoder)
 
-    def setup(self, datamodule: object | None) -> None:
-        data_clip = getattr(datamodule, "clip_model", None)
+    def setup(self, data: TrainingData) -> None:
+        data_clip = data.clip_model
         name = self.receiver_clip or data_clip
-        if name is None and self.__dict__.get("_receiver") is None:
+        if name is None and self._receiver is None:
             raise ValueError(
                 "DiscriTune needs the receiver CLIP: set data.init_args.clip_model (the CLIP of the cached "
                 "features) or model.objective.init_args.receiver_clip"
@@ -190,32 +191,30 @@ class DiscriTune(Objective):
         own_features = self.receiver_features_dir is not None or (
             self.receiver_clip is not None and data_clip is not None and self.receiver_clip != data_clip
         )
-        if own_features and self.__dict__.get("_receiver_caches") is None:
-            self._open_receiver_caches(datamodule, name)
-        if self.hard_negatives and self.__dict__.get("_bank") is None:
-            if datamodule is None:
+        if own_features and self._receiver_caches is None:
+            self._open_receiver_caches(data, name)
+        if self.hard_negatives and self._bank is None:
+            if data.train_features is None:
                 raise ValueError("DiscriTune: hard_negatives needs the training split's cached features")
-            caches = self.__dict__.get("_receiver_caches")
+            caches = self._receiver_caches
             # Distractors live in the receiver's space: its own training cache when it has one.
-            cache = caches["train"] if caches else datamodule.split("train").features
+            cache = caches["train"] if caches else data.train_features()
             # The bank stays outside the module tree: it is data, not state, and may be large.
-            self.__dict__["_bank"] = torch.from_numpy(np.asarray(cache.features, dtype=np.float32))
-            self.__dict__["_bank_cache"] = cache
-        if self.__dict__.get("_receiver") is None:
+            keep_unregistered(self, "_bank", torch.from_numpy(np.asarray(cache.features, dtype=np.float32)))
+            keep_unregistered(self, "_bank_cache", cache)
+        if self._receiver is None:
             from clipcap.clip.encoder import ClipEncoder
 
             self.set_receiver(ClipEncoder(name))
 
-    def _open_receiver_caches(self, datamodule: object | None, name: str) -> None:
+    def _open_receiver_caches(self, data: TrainingData, name: str) -> None:
         """Opens the receiver's own feature caches (every split there is), checked against its CLIP."""
         from clipcap.clip.encoder import ClipEncoder
-        from clipcap.features.cache import FeatureCache
-        from clipcap.features.extract import cache_expectation
 
         if self.receiver_features_dir is None:
             raise ValueError(
                 f"DiscriTune: receiver_clip={name!r} is not the CLIP of the data's features "
-                f"({getattr(datamodule, 'clip_model', None)!r}), so the receiver needs its own image "
+                f"({data.clip_model!r}), so the receiver needs its own image "
                 "features: extract them with `clipcap features --config <config> "
                 f"--data.init_args.clip_model={name} --data.init_args.features_dir=<folder>` and set "
                 "model.objective.init_args.receiver_features_dir=<folder>"
@@ -223,7 +222,7 @@ class DiscriTune(Objective):
         receiver = ClipEncoder(name)
         self.set_receiver(receiver)
         folder = Path(self.receiver_features_dir).expanduser()
-        dataset = getattr(datamodule, "dataset_name", None)
+        dataset = data.dataset
         caches = {}
         for split in (
             sorted(p.name for p in folder.iterdir() if FeatureCache.exists(p)) if folder.is_dir() else []
@@ -236,12 +235,12 @@ class DiscriTune(Objective):
                 f"DiscriTune: receiver_features_dir={folder} holds no training-split feature cache made "
                 f"with {name!r} (found {sorted(caches) or 'none'})"
             )
-        self.__dict__["_receiver_caches"] = caches
+        keep_unregistered(self, "_receiver_caches", caches)
 
     def receiver_image_features(self, batch: CaptionBatch) -> torch.Tensor:
         """(B, D_receiver) the receiver's embeddings of the batch's images: the batch's own features when
         the receiver is the data's CLIP, else rows of the receiver's caches, looked up by image id."""
-        caches = self.__dict__.get("_receiver_caches")
+        caches = self._receiver_caches
         if not caches:
             return batch.clip_features
         rows = []
@@ -338,14 +337,9 @@ class DiscriTune(Objective):
             terms["kl"] = kl.mean()
 
         if not (torch.isfinite(rewards).all() and torch.isfinite(log_probs).all()):
-            self.skipped_steps += 1
-            logger.warning(
-                "DiscriTune: non-finite reward or log-probability; this step's update is skipped "
-                "(%d skipped so far)",
-                int(self.skipped_steps),
-            )
             zero = log_probs.sum() * 0.0 if torch.isfinite(log_probs).all() else features.new_zeros(())
-            return ObjectiveOutput(loss=zero, terms={"skipped_steps": self.skipped_steps.float()}, skip=True)
+            reason = "DiscriTune: non-finite reward or log-probability"
+            return ObjectiveOutput(loss=zero, terms={}, skip=True, skip_reason=reason)
 
         losses = -rewards
         baseline = self.baseline(losses, reference_losses)
@@ -416,7 +410,7 @@ class DiscriTune(Objective):
         """(B, H, D) each image's hard distractors from the training bank, or None when off."""
         if not self.hard_negatives:
             return None
-        bank, cache = self.__dict__.get("_bank"), self.__dict__.get("_bank_cache")
+        bank, cache = self._bank, self._bank_cache
         if bank is None:
             raise RuntimeError("DiscriTune: hard_negatives are on but setup() has not loaded the bank")
         rows = [cache.index_of(i) if i in cache else -1 for i in image_ids]

@@ -14,7 +14,6 @@ Legend for shapes: B images, D CLIP embedding size, L rollout steps, V the LM's 
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -22,14 +21,13 @@ import torch.nn.functional as F
 
 from clipcap.captioner import Captioner, ClipCaptioner
 from clipcap.data.batch import CaptionBatch
+from clipcap.frozen import keep_unregistered
 from clipcap.gumbel import GumbelRollout, SoftCaption, gumbel_rollout
-from clipcap.objectives.base import Objective, ObjectiveOutput
+from clipcap.objectives.base import Objective, ObjectiveOutput, TrainingData
 from clipcap.objectives.cross_entropy import CrossEntropy
 from clipcap.objectives.reference import reference_lm, start_token_id
 from clipcap.objectives.rewards import full_precision
 from clipcap.pretrained import checkpoint_model_type
-
-logger = logging.getLogger(__name__)
 
 NOT_FOR_BLIP = (
     "GumbelClip trains a ClipCaptioner only: a BLIP captioner would need three pieces that do not exist "
@@ -92,7 +90,8 @@ class GumbelClip(Objective):
         self.anchor = CrossEntropy()
         # Training steps taken, saved in checkpoints so that a resumed anneal continues where it was.
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        keep_unregistered(self, "_clip", None)  # CLIP and its soft text path: frozen, outside the module tree
+        keep_unregistered(self, "_text", None)
 
     @property
     def temperature(self) -> float:
@@ -104,8 +103,8 @@ class GumbelClip(Objective):
         return start * math.exp(progress * math.log(self.final_temperature / start))
 
     # CLIP and the bridge are frozen and large: kept out of the module tree like DiscriTune's receiver.
-    def setup(self, datamodule: object | None) -> None:
-        data_clip = getattr(datamodule, "clip_model", None)
+    def setup(self, data: TrainingData) -> None:
+        data_clip = data.clip_model
         if data_clip is not None and checkpoint_model_type(data_clip) not in (None, "clip"):
             raise ValueError(f"{NOT_FOR_BLIP}; the data's features come from {data_clip!r}")
         if self.clip_model is not None and data_clip is not None and self.clip_model != data_clip:
@@ -114,32 +113,32 @@ class GumbelClip(Objective):
                 "the cosine compares the caption with the batch's image features, so both must be one CLIP"
             )
         name = self.clip_model or data_clip
-        if name is None and self.__dict__.get("_clip") is None:
+        if name is None and self._clip is None:
             raise ValueError(
                 "GumbelClip needs the CLIP of the cached features: set data.init_args.clip_model or "
                 "model.objective.init_args.clip_model"
             )
-        if self.__dict__.get("_clip") is None:
+        if self._clip is None:
             from clipcap.clip.encoder import ClipEncoder
 
             self.set_clip(ClipEncoder(name))
 
     def set_clip(self, encoder) -> None:
         """Uses ``encoder`` (a ``ClipEncoder``) to read captions, e.g. one already loaded."""
-        self.__dict__["_clip"] = encoder
-        self.__dict__["_text"] = None
+        keep_unregistered(self, "_clip", encoder)
+        keep_unregistered(self, "_text", None)
 
     def text_path(self, captioner: ClipCaptioner):
         """The soft CLIP text path for the captioner's LM tokenizer (built on first use, then cached)."""
-        text = self.__dict__.get("_text")
+        text = self._text
         if text is None:
-            clip = self.__dict__.get("_clip")
+            clip = self._clip
             if clip is None:
                 raise RuntimeError("GumbelClip has no CLIP yet: it is loaded in setup() (see clip_model)")
             from clipcap.clip.bridge import SoftClipText
 
             text = SoftClipText.from_lm_tokenizer(clip, captioner.tokenizer)
-            self.__dict__["_text"] = text
+            keep_unregistered(self, "_text", text)
         if text.table.device != captioner.device:
             text.to(captioner.device)
         return text
@@ -188,12 +187,9 @@ class GumbelClip(Objective):
             terms["kl"] = kl.detach()
 
         if not torch.isfinite(loss):
-            self.skipped_steps += 1
-            logger.warning(
-                "GumbelClip: non-finite loss; this step's update is skipped (%d skipped so far)",
-                int(self.skipped_steps),
+            return ObjectiveOutput(
+                loss=images.new_zeros(()), terms={}, skip=True, skip_reason="GumbelClip: non-finite loss"
             )
-            return ObjectiveOutput(loss=images.new_zeros(()), terms={}, skip=True)
         if self.training:
             self.steps += 1
         return ObjectiveOutput(loss=loss, terms=terms)

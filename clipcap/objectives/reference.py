@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from clipcap.captioner import Captioner
+from clipcap.frozen import keep_unregistered
 from clipcap.lm import PrefixLM
 
 
@@ -33,7 +34,7 @@ def reference_lm(owner: nn.Module, captioner: Captioner) -> PrefixLM:
     same LM with its adapters switched off under LoRA (no second copy of a 7B base), else a second copy
     loaded from the same pretrained source once and kept on ``owner``.
 
-    The copy is stored in ``owner.__dict__``, outside the module tree, so checkpoints never carry it and
+    The copy is held outside the module tree (:func:`~clipcap.frozen.keep_unregistered`), so checkpoints never carry it and
     optimizers never see it; it follows the captioner's device.
 
     Raises:
@@ -44,10 +45,10 @@ def reference_lm(owner: nn.Module, captioner: Captioner) -> PrefixLM:
         return captioner.lm
     if captioner.lm.lora is not None:
         return WithoutAdapters(captioner.lm)
-    reference = owner.__dict__.get("_reference_lm")
+    reference = getattr(owner, "_reference_lm", None)
     if reference is None:
         reference = PrefixLM(captioner.lm.pretrained, trainable=False, dtype=_dtype_name(captioner.lm))
-        owner.__dict__["_reference_lm"] = reference
+        keep_unregistered(owner, "_reference_lm", reference)
     return reference.to(captioner.device)
 
 

@@ -24,7 +24,7 @@ from clipcap.checkpoints import read_checkpoint
 from clipcap.objectives.base import Objective
 from clipcap.training.callbacks import default_progress_bar
 from clipcap.training.data import CaptionDataModule
-from clipcap.training.module import CaptionModule
+from clipcap.training.module import BUILT_FROM_CONFIG, CaptionModule
 
 
 def objective_names() -> list[str]:
@@ -74,12 +74,23 @@ class ClipcapCLI(LightningCLI):
         hyperparameters (it would give a raw traceback for a truncated file)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        resolve_ckpt_path(self.config[subcommand] if subcommand else self.config)
+        config = self.config[subcommand] if subcommand else self.config
+        check_a_dataset_is_named(config)
+        resolve_ckpt_path(config)
 
     def before_instantiate_classes(self) -> None:
         """Checks the optimizer's and scheduler's hyperparameters before the models load (which takes
         seconds to minutes)."""
         check_optimization_settings(self.config[self.subcommand] if self.subcommand else self.config)
+
+    def instantiate_classes(self) -> None:
+        """Lightning's instantiation, with the module told it is built from this config (it then saves the
+        config as its hyperparameters: :data:`clipcap.training.module.BUILT_FROM_CONFIG`)."""
+        token = BUILT_FROM_CONFIG.set(True)
+        try:
+            super().instantiate_classes()
+        finally:
+            BUILT_FROM_CONFIG.reset(token)
 
     def after_fit(self) -> None:
         self._say_where_files_went("fit")
@@ -109,6 +120,23 @@ class ClipcapCLI(LightningCLI):
                 lines += [f"wrote {path}" for path in getattr(callback, "written", ())]
         for line in lines:
             print(f"[clipcap {stage}] {line}", flush=True)
+
+
+def check_a_dataset_is_named(config: Namespace) -> None:
+    """Refuses configs that name no dataset class: jsonargparse would quietly take the abstract
+    ``CaptionDataModule``, and the run would fail later on an unrelated missing option.
+
+    Raises:
+        ValueError: saying which data config to give first (a COCO config holds only what it changes).
+    """
+    data = config.get("data")
+    class_path = data.get("class_path") if isinstance(data, Namespace) else None
+    if isinstance(class_path, str) and class_path.rsplit(".", 1)[-1] == CaptionDataModule.__name__:
+        raise ValueError(
+            "the configs name no dataset (data.class_path): a config in lightning_configs/coco/ holds only "
+            "what it changes from its dataset's, so give that first, e.g. --config "
+            "lightning_configs/data/coco_karpathy.yaml --config lightning_configs/coco/ce.yaml"
+        )
 
 
 def resolve_ckpt_path(config: Namespace) -> None:

@@ -35,7 +35,8 @@ from clipcap.data.formats import (
 )
 from clipcap.data.records import ImageEntry
 from clipcap.data.subsets import labelled_subset, unlabelled_pool
-from clipcap.features.cache import META_FILE, FeatureCache
+from clipcap.features.cache import META_FILE, FeatureCache, cache_expectation
+from clipcap.objectives.base import TrainingData
 
 if TYPE_CHECKING:
     from clipcap.features.encoders import ImageEncoder
@@ -171,6 +172,9 @@ class CaptionDataModule(pl.LightningDataModule):
         # Recorded in checkpoints (datamodule_hyper_parameters): `clipcap caption` finds the CLIP the
         # captioner was trained on there.
         self.save_hyperparameters()
+        self.captions_needed = True
+        """Whether training batches carry reference captions; ``CaptionModule.setup`` sets it from its
+        objective (False for DiscriTune and Gumbel-CLIP)."""
         self._features_dir = features_dir
         self.clip_model = clip_model
         self.batch_size = batch_size
@@ -237,9 +241,15 @@ class CaptionDataModule(pl.LightningDataModule):
         """What a split's cache must record: this dataset and split, and this CLIP when ``clip_model``."""
         if self.clip_model is None:
             return {"dataset": self.dataset_name, "split": split}
-        from clipcap.features.extract import cache_expectation
-
         return cache_expectation(self.clip_encoder, dataset=self.dataset_name, split=split)
+
+    def training_data(self) -> TrainingData:
+        """What an objective is told of this data at setup (:class:`clipcap.objectives.base.TrainingData`)."""
+        return TrainingData(
+            clip_model=self.clip_model,
+            dataset=self.dataset_name,
+            train_features=lambda: self.split("train").features,
+        )
 
     def load_split(self, split: str) -> CaptionSplit:
         """Opens a split's features and pairs them with its annotations."""
@@ -329,9 +339,7 @@ class CaptionDataModule(pl.LightningDataModule):
         train = self.split("train")
         # An objective that needs no references (DiscriTune, Gumbel-CLIP) trains on each image once per
         # epoch: pairs would repeat an image inside a batch, where it would be its own distractor.
-        module = self.trainer.lightning_module if self._trainer_attached() else None
-        needs_captions = getattr(getattr(module, "objective", None), "needs_captions", True)
-        images_only = self.unlabelled or not needs_captions
+        images_only = self.unlabelled or not self.captions_needed
         dataset = CaptionImages(train) if images_only else CaptionPairs(train)
         if not len(dataset):
             # Lightning would skip the fit and exit 0 with an untrained model.
@@ -352,9 +360,6 @@ class CaptionDataModule(pl.LightningDataModule):
             )
         # Lightning cycles the shorter loader ("max_size_cycle"): an epoch is one pass over the pool.
         return {"images": loader, "anchor": self._loader(anchor, self.anchor_batch_size, shuffle=True)}
-
-    def _trainer_attached(self) -> bool:
-        return getattr(self, "trainer", None) is not None and self.trainer.lightning_module is not None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(CaptionImages(self.split("val")), self.eval_batch_size, shuffle=False)

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import clipcap
 from clipcap.data.batch import CaptionBatch
-from clipcap.features.cache import FeatureCache
+from clipcap.features.cache import FeatureCache, cache_expectation
 from clipcap.files import atomic_write_json
 from clipcap.generation import DecodingConfig
 from clipcap.metrics.caption_metrics import ClipCaptionScores, NLGScores
@@ -223,8 +223,6 @@ class CaptionEvaluation(pl.Callback):
                 "its image features are needed: extract them with `clipcap features --clip "
                 f"{self.scoring_clip} --data.init_args.features_dir=<dir>` and set scoring_features_dir"
             )
-        from clipcap.features.extract import cache_expectation
-
         return FeatureCache.open(
             Path(self.scoring_features_dir) / stage,
             expect=cache_expectation(encoder, dataset=datamodule.dataset_name, split=stage),

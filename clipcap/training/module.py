@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from contextvars import ContextVar
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
@@ -18,12 +18,21 @@ from clipcap.checkpoints import read_checkpoint
 from clipcap.data.batch import CaptionBatch
 from clipcap.errors import NothingLearnt
 from clipcap.generation import DecodingConfig
-from clipcap.objectives.base import Objective
+from clipcap.objectives.base import Objective, TrainingData
+from clipcap.training.data import CaptionDataModule
 from clipcap.training.schedules import WarmupLinearDecay
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-5, fused=True)
+
+
+BUILT_FROM_CONFIG: ContextVar[bool] = ContextVar("clipcap_built_from_config", default=False)
+"""True while :class:`clipcap.training.cli.ClipcapCLI` instantiates a config: a module built then saves the
+parsed config (class paths and init args) as its hyperparameters, from which ``load_from_checkpoint``
+rebuilds everything."""
+
+_OBJECT_ARGUMENTS = ["captioner", "objective", "optimizer", "lr_scheduler"]
 
 
 class CaptionModule(pl.LightningModule):
@@ -54,13 +63,10 @@ class CaptionModule(pl.LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        # Under the CLI the hyperparameters are the parsed config (class paths and init args), from which
-        # ``load_from_checkpoint`` rebuilds everything. Built by hand, the objects themselves cannot be
-        # saved as hyperparameters (a module would be pickled whole), so they are left out.
-        built_by_cli = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(
-            ignore=None if built_by_cli else ["captioner", "objective", "optimizer", "lr_scheduler"]
-        )
+        # Built from a config (BUILT_FROM_CONFIG), the hyperparameters are that config. Built by hand, the
+        # objects themselves cannot be saved as hyperparameters (a module would be pickled whole), so they
+        # are left out.
+        self.save_hyperparameters(ignore=None if BUILT_FROM_CONFIG.get() else _OBJECT_ARGUMENTS)
         self.captioner = captioner
         self.objective = objective
         self.optimizer_factory = optimizer
@@ -124,7 +130,11 @@ class CaptionModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        self.objective.setup(datamodule)
+        if isinstance(datamodule, CaptionDataModule):
+            datamodule.captions_needed = self.objective.needs_captions
+            self.objective.setup(datamodule.training_data())
+        else:
+            self.objective.setup(TrainingData())
         feature_dim = getattr(datamodule, "clip_dim", None)
         if feature_dim is not None and feature_dim != self.captioner.clip_dim:
             raise ValueError(
@@ -147,8 +157,9 @@ class CaptionModule(pl.LightningModule):
             self.skipped_steps += 1
             if stage == "train":
                 self._epoch_skipped += 1
+            reason = output.skip_reason or f"{type(self.objective).__name__}: non-finite loss"
             rank_zero_warn(
-                f"{stage} step {self.global_step}: non-finite loss or reward; no update from this batch "
+                f"{stage} step {self.global_step}: {reason}; no update from this batch "
                 f"({int(self.skipped_steps)} skipped so far)"
             )
             self.log(
@@ -281,11 +292,15 @@ class CaptionModule(pl.LightningModule):
         checkpoint["clipcap_rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Checkpoints written before the skipped-step counters existed still load.
+        # Checkpoints written before the module counted skipped steps still load, and so do those written
+        # while objectives counted them a second time (the objective's counter is gone).
         own = self.state_dict()
         for key, value in own.items():
             if key.endswith("skipped_steps"):
                 checkpoint["state_dict"].setdefault(key, torch.zeros_like(value))
+        for key in [key for key in checkpoint["state_dict"] if key.startswith("objective.")]:
+            if key.endswith(".skipped_steps") and key not in own:
+                del checkpoint["state_dict"][key]
         # The frozen LM was loaded from its pretrained source when the module was built; put its weights
         # back into the state dict so strict loading still catches every other missing key.
         if checkpoint.get("clipcap_frozen_lm"):
