@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser
+from peft import set_peft_model_state_dict
+from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
 
 from clipcap.captioner import ClipCaptioner
 from clipcap.checkpoints import read_checkpoint
 from clipcap.files import staged_folder
+from clipcap.training.module import CaptionModule
 
 CONFIG_FILE = "captioner.json"
 MAPPER_FILE = "mapper.safetensors"
@@ -47,7 +50,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merged: bool = Fa
     Returns:
         ``out``.
     """
-    from clipcap.training.module import CaptionModule
 
     out = Path(out)
     if out.exists():
@@ -107,9 +109,6 @@ def load_exported(folder: str | Path, merged: bool = False) -> ClipCaptioner:
     ).captioner
     captioner.mapper.load_state_dict(load_file(folder / MAPPER_FILE))
     if captioner.lm.lora is not None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
         set_peft_model_state_dict(
             captioner.lm.model, load_peft_weights(str(folder / "adapter"), device="cpu")
         )

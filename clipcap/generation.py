@@ -14,8 +14,9 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
+from clipcap.compat import cache_kwargs, returned_cache
 from clipcap.lm import PrefixLM
 
 
@@ -206,9 +207,6 @@ def clipcap_beam_search(
     """
     if decoding.do_sample or decoding.num_return_sequences != 1:
         raise ValueError("beam_ranking=clipcap is ClipCap's beam search: one caption per image, no sampling")
-    from transformers import DynamicCache
-
-    from clipcap.compat import cache_kwargs, returned_cache
 
     model = lm.model
     batch, beams = prefix.shape[0], decoding.num_beams

@@ -10,7 +10,13 @@ from functools import cached_property
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
 
 from clipcap.compat import enable_activation_checkpointing
@@ -296,7 +302,6 @@ def _quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict:
         ) from None
     if not torch.cuda.is_available():
         raise ValueError(f"PrefixLM: quantization={quantization!r} needs a CUDA device; none is available")
-    from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
         config = BitsAndBytesConfig(load_in_8bit=True)

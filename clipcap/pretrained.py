@@ -10,6 +10,8 @@ name it, ``make demo``, the tests' session fixture).
 
 from __future__ import annotations
 
+from transformers import PretrainedConfig
+
 from clipcap.synthetic.location import BUILD_COMMAND, SYNTHETIC_SCHEME, default_world_dir, is_complete_world
 
 __all__ = ["SYNTHETIC_SCHEME", "resolve_pretrained"]
@@ -48,7 +50,6 @@ def checkpoint_model_type(name: str) -> str | None:
     Args:
         name: a Hugging Face name, a local folder, or ``synthetic:<part>``.
     """
-    from transformers import PretrainedConfig
 
     try:
         config, _ = PretrainedConfig.get_config_dict(resolve_pretrained(name))

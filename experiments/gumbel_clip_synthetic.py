@@ -20,9 +20,16 @@ from pathlib import Path
 
 import torch
 import yaml
-from discritune_synthetic import CE_CONFIG, QUIET, latest_checkpoint, metrics_table, spread_row, test_metrics
 
 from clipcap.training.cli import lightning_cli
+from experiments.discritune_synthetic import (
+    CE_CONFIG,
+    QUIET,
+    latest_checkpoint,
+    metrics_table,
+    spread_row,
+    test_metrics,
+)
 
 GUMBEL_CONFIG = "lightning_configs/synthetic/gumbel_clip.yaml"
 STAGE1_EPOCHS = 20

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 from PIL import Image
+from transformers.utils import cached_file
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +310,6 @@ def find_preprocessor_config(folder_or_name: str | os.PathLike[str]) -> Path | N
         path = folder / PREPROCESSOR_CONFIG
         return path if path.is_file() else None
     try:
-        from transformers.utils import cached_file
-
         # Offline this only finds what the HF cache already holds; a missing file is not an error.
         found = cached_file(
             str(folder_or_name),

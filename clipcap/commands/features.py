@@ -4,8 +4,8 @@ The datamodule of a training config says everything extraction needs (annotation
 ``features_dir``, ``clip_model``), so the same file drives both, read by the same parser (several
 ``--config`` files, OmegaConf interpolation and dotted overrides mean the same to both)::
 
-    clipcap features --config lightning_configs/coco/ce.yaml [--splits train,val,test] [--grid]
-    clipcap fit      --config lightning_configs/coco/ce.yaml
+    clipcap features --config lightning_configs/data/coco_karpathy.yaml [--splits train,val,test] [--grid]
+    clipcap fit      --config lightning_configs/data/coco_karpathy.yaml --config lightning_configs/coco/ce.yaml
 
 Each image is encoded once, however many captions it has. Extraction is batched, resumable (run the same
 command again after an interruption and it continues where it stopped) and shardable (``--shard K/N`` in N

@@ -41,6 +41,7 @@ Shapes: D_clip CLIP feature size, H the MLP's hidden width, P prefix length, C t
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import re
@@ -50,8 +51,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from clipcap.captioner import ClipCaptioner
 from clipcap.checkpoints import read_checkpoint
 from clipcap.convert.weights import (
     StateDict,
@@ -339,8 +344,6 @@ def gpt2_config(
         ValueError: ``lm`` is not a GPT-2, or the head count is unknown or does not divide the width.
     """
     if lm is not None:
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(resolve_pretrained(lm))
         if not isinstance(config, GPT2Config):
             raise ValueError(f"--lm {lm} is a {config.model_type!r} model; ClipCap checkpoints hold a GPT-2")
@@ -480,7 +483,6 @@ def load_original_captioner_weights(captioner: ClipCaptioner, checkpoint: Any, s
     Raises:
         ValueError: the first mismatch, naming the key and both shapes.
     """
-    from clipcap.captioner import ClipCaptioner
 
     if not isinstance(captioner, ClipCaptioner):
         raise ValueError(
@@ -577,7 +579,6 @@ def model_config_overlay(mapper: MapperWeights, lm_folder: str, checkpoint: str)
 
 
 def _save_tokenizer(source: str | None, folder: Path) -> None:
-    from transformers import AutoTokenizer
 
     advice = f"copy GPT-2's tokenizer files into {folder}, or run again with --lm NAME_OR_FOLDER"
     if source is None:
@@ -608,7 +609,8 @@ def write_converted_captioner(
       and ``model.init_from`` take. Like a frozen-LM checkpoint, it holds the mapper and points at ``lm/``
       for the LM's weights;
     - ``model.yaml``: a config overlay that starts a run from it
-      (``clipcap fit --config lightning_configs/coco/ce.yaml --config out_dir/model.yaml``).
+      (``clipcap fit --config lightning_configs/data/coco_karpathy.yaml --config lightning_configs/coco/ce.yaml
+      --config out_dir/model.yaml``).
 
     Args:
         original: what :func:`read_original_captioner` read.
@@ -642,9 +644,6 @@ def _write_converted_captioner(
     checkpoint_path: Path,
     kind: str,
 ) -> None:
-    import lightning
-    import yaml
-    from safetensors.torch import save_file
 
     out_dir = lm_dir.parent
     model.save_pretrained(staging / CONVERTED_LM)
@@ -667,7 +666,8 @@ def _write_converted_captioner(
     )
     header = (
         f"# The captioner converted from {original.source} by `clipcap convert`. Give it after a training\n"
-        f"# config: clipcap fit --config lightning_configs/coco/ce.yaml --config {out_dir / CONVERTED_MODEL_CONFIG}\n"
+        f"# config: clipcap fit --config lightning_configs/data/coco_karpathy.yaml --config lightning_configs/coco/ce.yaml "
+        f"--config {out_dir / CONVERTED_MODEL_CONFIG}\n"
     )
     overlay = model_config_overlay(mapper, str(lm_dir), str(checkpoint_path))
     (staging / CONVERTED_MODEL_CONFIG).write_text(header + yaml.safe_dump(overlay, sort_keys=False))
@@ -686,7 +686,7 @@ def _write_converted_captioner(
             "init_from": None,
             "_instantiator": "lightning.pytorch.cli.instantiate_module",
         },
-        "pytorch-lightning_version": lightning.__version__,
+        "pytorch-lightning_version": importlib.metadata.version("lightning"),  # without importing it
         "epoch": 0,
         "global_step": 0,
         "clipcap_frozen_lm": str(lm_dir),
@@ -697,8 +697,6 @@ def _write_converted_captioner(
 
 def load_converted_mapper(path: str | Path) -> Mapper:
     """Rebuilds the mapper from the ``mapper.safetensors`` that :func:`write_converted_captioner` wrote."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()

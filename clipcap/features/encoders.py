@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipcap.blip.encoder import BlipImageEncoder
+from clipcap.clip.encoder import ClipEncoder
 from clipcap.pretrained import checkpoint_model_type
 
 
@@ -93,9 +95,6 @@ def load_image_encoder(name: str) -> ImageEncoder:
         name: a Hugging Face name, a local folder, or ``synthetic:<part>``.
     """
     if checkpoint_model_type(name) == "blip":
-        from clipcap.blip.encoder import BlipImageEncoder
-
         return BlipImageEncoder(name)
-    from clipcap.clip.encoder import ClipEncoder
 
     return ClipEncoder(name)

@@ -19,6 +19,13 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor import meteor as pycocoevalcap_meteor  # looked up at call time (tests patch it)
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
@@ -141,7 +148,6 @@ def _tokenize(
     Returns ``(gts, res)`` as pycocoevalcap's scorers take them; a prediction that is empty, or that
     tokenizes to nothing (e.g. only punctuation), becomes :data:`EMPTY_CAPTION`.
     """
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     inputs: dict[tuple[str, Hashable], list[dict[str, str]]] = {
         ("ref", image_id): [{"caption": reference} for reference in image_references]
@@ -195,9 +201,8 @@ def _without_java_progress() -> Iterator[None]:
 @contextlib.contextmanager
 def _meteor_scorer() -> Iterator[Any]:
     """pycocoevalcap's METEOR, whose Java process is stopped even if scoring fails."""
-    from pycocoevalcap.meteor.meteor import Meteor
 
-    meteor = Meteor()
+    meteor = pycocoevalcap_meteor.Meteor()
     try:
         yield meteor
     finally:
@@ -231,23 +236,15 @@ def _score(
     scores: dict[str, float] = {}
     with contextlib.redirect_stdout(io.StringIO()):
         if "BLEU" in metrics:
-            from pycocoevalcap.bleu.bleu import Bleu
-
             bleu, _ = Bleu(4).compute_score(gts, res)
             scores.update({f"Bleu_{n + 1}": float(value) for n, value in enumerate(bleu)})
         if meteor is not None:
             scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
         if "ROUGE_L" in metrics:
-            from pycocoevalcap.rouge.rouge import Rouge
-
             scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
         if "CIDEr" in metrics:
-            from pycocoevalcap.cider.cider import Cider
-
             scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     if spice is not None:
-        import numpy as np
-
         # pycocoevalcap's SPICE is the plain mean of the per-image F-scores.
         scores["SPICE"] = float(np.mean([spice[image_id] for image_id in gts]))
     return scores

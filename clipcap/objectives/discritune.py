@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from clipcap.captioner import Captioner, CaptionTokens, ClipCaptioner
+from clipcap.clip.encoder import ClipEncoder
 from clipcap.data.batch import CaptionBatch
 from clipcap.features.cache import FeatureCache, cache_expectation
 from clipcap.frozen import keep_unregistered
@@ -203,13 +205,10 @@ class DiscriTune(Objective):
             keep_unregistered(self, "_bank", torch.from_numpy(np.asarray(cache.features, dtype=np.float32)))
             keep_unregistered(self, "_bank_cache", cache)
         if self._receiver is None:
-            from clipcap.clip.encoder import ClipEncoder
-
             self.set_receiver(ClipEncoder(name))
 
     def _open_receiver_caches(self, data: TrainingData, name: str) -> None:
         """Opens the receiver's own feature caches (every split there is), checked against its CLIP."""
-        from clipcap.clip.encoder import ClipEncoder
 
         if self.receiver_features_dir is None:
             raise ValueError(
@@ -444,7 +443,6 @@ class DiscriTune(Objective):
             (N, D) candidates: ``features`` itself, or with ``global_distractors`` under DDP, every rank's
             features in rank order (N = the global batch); and the offset of this rank's first image.
         """
-        import torch.distributed as dist
 
         if not (self.global_distractors and dist.is_available() and dist.is_initialized()):
             return features, 0

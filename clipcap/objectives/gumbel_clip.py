@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from clipcap.captioner import Captioner, ClipCaptioner
+from clipcap.clip.bridge import SoftClipText
+from clipcap.clip.encoder import ClipEncoder
 from clipcap.data.batch import CaptionBatch
 from clipcap.frozen import keep_unregistered
 from clipcap.gumbel import GumbelRollout, SoftCaption, gumbel_rollout
@@ -119,8 +121,6 @@ class GumbelClip(Objective):
                 "model.objective.init_args.clip_model"
             )
         if self._clip is None:
-            from clipcap.clip.encoder import ClipEncoder
-
             self.set_clip(ClipEncoder(name))
 
     def set_clip(self, encoder) -> None:
@@ -135,7 +135,6 @@ class GumbelClip(Objective):
             clip = self._clip
             if clip is None:
                 raise RuntimeError("GumbelClip has no CLIP yet: it is loaded in setup() (see clip_model)")
-            from clipcap.clip.bridge import SoftClipText
 
             text = SoftClipText.from_lm_tokenizer(clip, captioner.tokenizer)
             keep_unregistered(self, "_text", text)

@@ -42,7 +42,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from transformers.utils import logging as transformers_logging
 
+from clipcap.clip import ClipEncoder, ClipImagePreprocessor, load_clip_tokenizer
+from clipcap.data.records import ImageEntry
+from clipcap.features.extract import extract_entries, write_summary
 from clipcap.files import replace_folder
 from clipcap.synthetic.location import (  # noqa: F401 - the locating names are also this module's
     WORLD_DIR_NAME,
@@ -364,7 +371,6 @@ def _install(staging: Path, world_dir: Path, replace: bool) -> None:
 @contextlib.contextmanager
 def _quiet_progress_bars() -> Iterator[None]:
     """Silences transformers' per-file progress bars (saving, loading) during a build, then restores them."""
-    from transformers.utils import logging as transformers_logging
 
     was_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
@@ -479,7 +485,6 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 def _clip_config(spec: WorldSpec, tokenizer: ClipTokenizer) -> CLIPConfig:
     """The tiny CLIP's config: openai's 49408-token text vocabulary, small towers."""
-    from transformers import CLIPConfig
 
     text_config = {
         "vocab_size": tokenizer.vocab_size,
@@ -595,10 +600,6 @@ def train_clip(
         (text→image recall@1 within blocks of 100 test images, from descriptions and from the reference
         captions).
     """
-    from PIL import Image
-    from transformers import CLIPModel
-
-    from clipcap.clip import ClipImagePreprocessor, load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
     preprocess = ClipImagePreprocessor(
@@ -718,8 +719,6 @@ def train_lm_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: 
     Returns:
         A ``GPT2TokenizerFast``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import GPT2TokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -769,7 +768,6 @@ def train_lm(lm_dir: Path, records: Sequence[SceneRecord], spec: WorldSpec) -> d
         ``lm_loss`` (mean training loss of the last steps), ``lm_val_loss`` (per token on the val texts)
         and ``lm_vocab_size``.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     train_texts = _lm_texts(records, "train")
     tokenizer = train_lm_tokenizer(train_texts, spec.lm_vocab_size, spec.lm_positions)
@@ -853,11 +851,6 @@ def write_features(folder: Path, records: Sequence[SceneRecord], spec: WorldSpec
         spec: the world's spec (batch size).
         clip_name: the name recorded in the caches (the CLIP's final location; only informational).
     """
-    from transformers import CLIPModel
-
-    from clipcap.clip import ClipEncoder, ClipImagePreprocessor
-    from clipcap.data.records import ImageEntry
-    from clipcap.features.extract import extract_entries, write_summary
 
     clip_dir = folder / CLIP_DIR
     encoder = ClipEncoder.from_model(

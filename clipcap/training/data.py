@@ -36,7 +36,9 @@ from clipcap.data.formats import (
 from clipcap.data.records import ImageEntry
 from clipcap.data.subsets import labelled_subset, unlabelled_pool
 from clipcap.features.cache import META_FILE, FeatureCache, cache_expectation
+from clipcap.features.encoders import load_image_encoder
 from clipcap.objectives.base import TrainingData
+from clipcap.synthetic.world import ANNOTATIONS_FILE, FEATURES_DIR, ensure_world, load_annotations
 
 if TYPE_CHECKING:
     from clipcap.features.encoders import ImageEncoder
@@ -231,7 +233,6 @@ class CaptionDataModule(pl.LightningDataModule):
     def clip_encoder(self) -> ImageEncoder:
         """The image encoder named by ``clip_model`` (a CLIP, or a BLIP checkpoint's vision encoder),
         loaded once (extraction, and checking caches)."""
-        from clipcap.features.encoders import load_image_encoder
 
         if self.clip_model is None:
             raise ValueError(f"{type(self).__name__}: data.init_args.clip_model is not set")
@@ -620,7 +621,6 @@ class SyntheticCaptions(CaptionDataModule):
 
     @property
     def world(self) -> Path:
-        from clipcap.synthetic.world import ensure_world
 
         return ensure_world(Path(self.world_dir) if self.world_dir else None)
 
@@ -628,7 +628,6 @@ class SyntheticCaptions(CaptionDataModule):
     def features_dir(self) -> Path:
         if self._features_dir is not None:
             return Path(self._features_dir).expanduser()
-        from clipcap.synthetic.world import FEATURES_DIR
 
         return self.world / FEATURES_DIR
 
@@ -636,7 +635,6 @@ class SyntheticCaptions(CaptionDataModule):
         self.world  # noqa: B018 - builds the world once, on rank 0, if it is absent
 
     def read_split(self, split: str) -> AnnotationSet:
-        from clipcap.synthetic.world import ANNOTATIONS_FILE, load_annotations
 
         world = self.world
         records = load_annotations(world, split=split)

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 import clipcap
+from clipcap.clip.encoder import ClipEncoder
 from clipcap.data.batch import CaptionBatch
 from clipcap.features.cache import FeatureCache, cache_expectation
 from clipcap.files import atomic_write_json
@@ -165,8 +166,6 @@ class CaptionEvaluation(pl.Callback):
         if name is None:
             return None
         if self._encoder is None or self._encoder.name != name:
-            from clipcap.clip.encoder import ClipEncoder
-
             self._encoder = ClipEncoder(name)
         return self._encoder
 

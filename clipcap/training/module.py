@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -15,10 +18,12 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 
 from clipcap.captioner import Captioner
 from clipcap.checkpoints import read_checkpoint
+from clipcap.convert import load_original_captioner_weights
 from clipcap.data.batch import CaptionBatch
 from clipcap.errors import NothingLearnt
 from clipcap.generation import DecodingConfig
 from clipcap.objectives.base import Objective, TrainingData
+from clipcap.pretrained import resolve_pretrained
 from clipcap.training.data import CaptionDataModule
 from clipcap.training.schedules import WarmupLinearDecay
 
@@ -90,8 +95,6 @@ class CaptionModule(pl.LightningModule):
         """
         checkpoint = read_checkpoint(path, "model.init_from")
         if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint):
-            from clipcap.convert import load_original_captioner_weights
-
             try:
                 load_original_captioner_weights(self.captioner, checkpoint, path)
             except ValueError as error:
@@ -116,10 +119,6 @@ class CaptionModule(pl.LightningModule):
         # `clipcap convert` checkpoints keep the converted GPT-2 in a folder; another LM would silently
         # pair the converted mapper with weights it was not trained with.
         if checkpoint.get("clipcap_converted_from") and frozen_lm:
-            from pathlib import Path
-
-            from clipcap.pretrained import resolve_pretrained
-
             own_lm = Path(resolve_pretrained(self.captioner.lm.pretrained)).resolve()
             if own_lm != Path(frozen_lm).resolve():
                 rank_zero_warn(
@@ -314,9 +313,6 @@ class CaptionModule(pl.LightningModule):
 
 def _rng_states() -> dict[str, Any]:
     """The random generators' states: torch (CPU and every CUDA device), numpy and Python's."""
-    import random
-
-    import numpy as np
 
     # Plain tensors and tuples only, so that checkpoints still load with ``weights_only=True``.
     name, keys, position, has_gauss, cached_gauss = np.random.get_state()
@@ -338,9 +334,6 @@ def _rng_states() -> dict[str, Any]:
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     """Restores what :func:`_rng_states` saved (CUDA states only onto as many devices as both have)."""
-    import random
-
-    import numpy as np
 
     torch.set_rng_state(states["torch"].cpu())
     name, keys, position, has_gauss, cached_gauss = states["numpy"]
