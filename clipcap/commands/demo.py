@@ -158,7 +158,7 @@ def demo(
         labelled = two_stage_labels(gumbel_config)
         share = f"{100 * labelled / len(datamodule.split('train').images):g}%"
         stage1_cli, stage1_evaluation, stage1_last = fit_and_test(
-            config, str(run_dir / "stage1"), f"--data.init_labelled_images={labelled}",
+            config, str(run_dir / "stage1"), f"--data.init_args.labelled_images={labelled}",
             f"--trainer.max_epochs={stage1_epochs}", "--trainer.check_val_every_n_epoch=10", last=True,
         )  # fmt: skip
         print(f"[demo] stage 1 ({share} labels) trained and tested in {time.perf_counter() - started:.0f}s")
