@@ -109,3 +109,14 @@ def test_features_reads_configs_as_fit_does(tiny_world: Path, tmp_path: Path) ->
     assert all(report.complete for report in reports.values()) and (tmp_path / "features" / "val").is_dir()
     fit = lightning_cli(arguments, run=False).datamodule  # as fit builds it, on the features just written
     assert (fit.features_dir, fit.batch_size, fit.eval_batch_size) == (datamodule.features_dir, 3, 3)
+
+
+def test_the_demo_stage_options_parse(tiny_world: Path) -> None:
+    """The demo's stage 1 options, read by fit's parser (a misspelt option would stop `make demo` after
+    the first two stages, a quarter of an hour in)."""
+    from clipcap.commands.demo import STAGE1_EPOCHS, stage1_options, two_stage_labels
+    from clipcap.commands.features import build_datamodule
+
+    labelled = two_stage_labels("lightning_configs/synthetic/gumbel_clip.yaml")
+    datamodule = build_datamodule(["--config", CE_CONFIG, *stage1_options(labelled, STAGE1_EPOCHS)])
+    assert datamodule.labelled_images == labelled > 0

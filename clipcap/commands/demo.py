@@ -82,6 +82,15 @@ STAGE1_EPOCHS = 20
 starts stage 2)."""
 
 
+def stage1_options(labelled: int, epochs: int) -> list[str]:
+    """The options that turn the cross-entropy config into stage 1 of the two-stage recipe."""
+    return [
+        f"--data.init_args.labelled_images={labelled}",
+        f"--trainer.max_epochs={epochs}",
+        "--trainer.check_val_every_n_epoch=10",
+    ]
+
+
 def two_stage_labels(gumbel_config: str) -> int:
     """The labelled subset size of the two-stage recipe, as the stage-2 config sets it."""
     data = yaml.safe_load(Path(gumbel_config).read_text())["data"]["init_args"]
@@ -158,9 +167,8 @@ def demo(
         labelled = two_stage_labels(gumbel_config)
         share = f"{100 * labelled / len(datamodule.split('train').images):g}%"
         stage1_cli, stage1_evaluation, stage1_last = fit_and_test(
-            config, str(run_dir / "stage1"), f"--data.init_args.labelled_images={labelled}",
-            f"--trainer.max_epochs={stage1_epochs}", "--trainer.check_val_every_n_epoch=10", last=True,
-        )  # fmt: skip
+            config, str(run_dir / "stage1"), *stage1_options(labelled, stage1_epochs), last=True
+        )
         print(f"[demo] stage 1 ({share} labels) trained and tested in {time.perf_counter() - started:.0f}s")
         record(f"clipcap (cross-entropy, {share} labels)", f"{share} labels", stage1_cli, stage1_evaluation)
         gc_cli, gc_evaluation, _ = fit_and_test(
