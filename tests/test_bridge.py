@@ -213,7 +213,7 @@ def test_byte_fallback_runs_decode_as_the_tokenizer_decodes_them(
     expected = llama_tokenizer.decode(example, skip_special_tokens=True).strip()
     assert expected == "a\ufffd\ufffda"
     assert bridge.decode(example) == expected
-    text, owners = bridge_module._decode_with_owners(bridge, example)
+    text, owners = bridge_module.decode_with_owners(bridge, example)
     assert owners == [[0], [0], [1], [2], [3]]  # " a" from token 0, one U+FFFD per byte, "a"
     # Random captions mixing words, valid and invalid byte runs and special tokens.
     rng = np.random.default_rng(0)

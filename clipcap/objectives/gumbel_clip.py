@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from clipcap.captioner import Captioner, ClipCaptioner
-from clipcap.clip.bridge import SoftClipText
 from clipcap.clip.encoder import ClipEncoder
+from clipcap.clip.soft_text import SoftClipText
 from clipcap.data.batch import CaptionBatch
 from clipcap.frozen import keep_unregistered
 from clipcap.gumbel import GumbelRollout, SoftCaption, gumbel_rollout
