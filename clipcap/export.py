@@ -50,7 +50,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merged: bool = Fa
     Returns:
         ``out``.
     """
-
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new folder")

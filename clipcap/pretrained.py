@@ -50,7 +50,6 @@ def checkpoint_model_type(name: str) -> str | None:
     Args:
         name: a Hugging Face name, a local folder, or ``synthetic:<part>``.
     """
-
     try:
         config, _ = PretrainedConfig.get_config_dict(resolve_pretrained(name))
     except (OSError, ValueError):

@@ -75,9 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     quiet_third_party()
     try:
         if command != "world" and names_the_synthetic_world(options):
-            from clipcap.synthetic.world import (
-                ensure_world,  # the world is built here, never on resolving a name
-            )
+            # The world is built here, never on resolving a name; imported here to keep --help light.
+            from clipcap.synthetic.world import ensure_world
 
             ensure_world()
         module = importlib.import_module(COMMANDS[command][0])

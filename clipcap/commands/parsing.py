@@ -39,13 +39,14 @@ def add_function_options(
     helps = {
         item.arg_name: item.description for item in docstring_parser.parse(function.__doc__ or "").params
     }
-    names = [name for name in inspect.signature(function).parameters if name not in skip]
+    parameters = inspect.signature(function).parameters
+    names = [name for name in parameters if name not in skip]
     untyped = [name for name in names if name not in hints]
     if untyped:
         raise TypeError(f"{function.__qualname__}: parameters without a type: {untyped}")
     flags = [name for name in names if hints[name] is bool]
     for name in flags:
-        default = inspect.signature(function).parameters[name].default
+        default = parameters[name].default
         parser.add_argument(
             f"--{name}",
             action=ActionYesNo(no_prefix="no_"),
@@ -53,7 +54,7 @@ def add_function_options(
             help=helps.get(name),
         )
     for name in positional:  # one or more values; none when the parameter has a default
-        optional = inspect.signature(function).parameters[name].default is not inspect.Parameter.empty
+        optional = parameters[name].default is not inspect.Parameter.empty
         parser.add_argument(name, nargs="*" if optional else "+", type=str, help=helps.get(name))
     parser.add_function_arguments(
         function, skip=skip | positional | set(flags), as_group=False, fail_untyped=True

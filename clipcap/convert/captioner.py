@@ -483,7 +483,6 @@ def load_original_captioner_weights(captioner: ClipCaptioner, checkpoint: Any, s
     Raises:
         ValueError: the first mismatch, naming the key and both shapes.
     """
-
     if not isinstance(captioner, ClipCaptioner):
         raise ValueError(
             f"{source} is a ClipCap model; it fits a ClipCaptioner, not a {type(captioner).__name__}"
@@ -579,7 +578,6 @@ def model_config_overlay(mapper: MapperWeights, lm_folder: str, checkpoint: str)
 
 
 def _save_tokenizer(source: str | None, folder: Path) -> None:
-
     advice = f"copy GPT-2's tokenizer files into {folder}, or run again with --lm NAME_OR_FOLDER"
     if source is None:
         logger.warning("No tokenizer written (the vocabulary is not GPT-2's): %s", advice)
@@ -644,7 +642,6 @@ def _write_converted_captioner(
     checkpoint_path: Path,
     kind: str,
 ) -> None:
-
     out_dir = lm_dir.parent
     model.save_pretrained(staging / CONVERTED_LM)
     _save_tokenizer(
@@ -697,7 +694,6 @@ def _write_converted_captioner(
 
 def load_converted_mapper(path: str | Path) -> Mapper:
     """Rebuilds the mapper from the ``mapper.safetensors`` that :func:`write_converted_captioner` wrote."""
-
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     classes = {cls.__name__: cls for cls in (MLPMapper, TransformerMapper)}

@@ -148,7 +148,6 @@ def _tokenize(
     Returns ``(gts, res)`` as pycocoevalcap's scorers take them; a prediction that is empty, or that
     tokenizes to nothing (e.g. only punctuation), becomes :data:`EMPTY_CAPTION`.
     """
-
     inputs: dict[tuple[str, Hashable], list[dict[str, str]]] = {
         ("ref", image_id): [{"caption": reference} for reference in image_references]
         for image_id, image_references in references.items()
@@ -201,7 +200,6 @@ def _without_java_progress() -> Iterator[None]:
 @contextlib.contextmanager
 def _meteor_scorer() -> Iterator[Any]:
     """pycocoevalcap's METEOR, whose Java process is stopped even if scoring fails."""
-
     meteor = pycocoevalcap_meteor.Meteor()
     try:
         yield meteor

@@ -209,7 +209,6 @@ class DiscriTune(Objective):
 
     def _open_receiver_caches(self, data: TrainingData, name: str) -> None:
         """Opens the receiver's own feature caches (every split there is), checked against its CLIP."""
-
         if self.receiver_features_dir is None:
             raise ValueError(
                 f"DiscriTune: receiver_clip={name!r} is not the CLIP of the data's features "
@@ -443,7 +442,6 @@ class DiscriTune(Objective):
             (N, D) candidates: ``features`` itself, or with ``global_distractors`` under DDP, every rank's
             features in rank order (N = the global batch); and the offset of this rank's first image.
         """
-
         if not (self.global_distractors and dist.is_available() and dist.is_initialized()):
             return features, 0
         world, rank = dist.get_world_size(), dist.get_rank()

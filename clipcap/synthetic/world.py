@@ -371,7 +371,6 @@ def _install(staging: Path, world_dir: Path, replace: bool) -> None:
 @contextlib.contextmanager
 def _quiet_progress_bars() -> Iterator[None]:
     """Silences transformers' per-file progress bars (saving, loading) during a build, then restores them."""
-
     was_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
@@ -485,7 +484,6 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 def _clip_config(spec: WorldSpec, tokenizer: ClipTokenizer) -> CLIPConfig:
     """The tiny CLIP's config: openai's 49408-token text vocabulary, small towers."""
-
     text_config = {
         "vocab_size": tokenizer.vocab_size,
         "hidden_size": spec.clip_width,
@@ -600,7 +598,6 @@ def train_clip(
         (text→image recall@1 within blocks of 100 test images, from descriptions and from the reference
         captions).
     """
-
     tokenizer = load_clip_tokenizer()
     preprocess = ClipImagePreprocessor(
         image_size=spec.clip_image_size, resize_shortest_edge=spec.clip_image_size
@@ -719,7 +716,6 @@ def train_lm_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: 
     Returns:
         A ``GPT2TokenizerFast``.
     """
-
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -768,7 +764,6 @@ def train_lm(lm_dir: Path, records: Sequence[SceneRecord], spec: WorldSpec) -> d
         ``lm_loss`` (mean training loss of the last steps), ``lm_val_loss`` (per token on the val texts)
         and ``lm_vocab_size``.
     """
-
     train_texts = _lm_texts(records, "train")
     tokenizer = train_lm_tokenizer(train_texts, spec.lm_vocab_size, spec.lm_positions)
     rng = random.Random(f"clipcap-world-lm:{spec.seed}")
@@ -851,7 +846,6 @@ def write_features(folder: Path, records: Sequence[SceneRecord], spec: WorldSpec
         spec: the world's spec (batch size).
         clip_name: the name recorded in the caches (the CLIP's final location; only informational).
     """
-
     clip_dir = folder / CLIP_DIR
     encoder = ClipEncoder.from_model(
         CLIPModel.from_pretrained(clip_dir), ClipImagePreprocessor.from_pretrained(clip_dir), name=clip_name

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as LightningProgressBar
@@ -273,7 +273,6 @@ class DataOnlyCLI(ClipcapCLI):
         """No optimizer is built, so its settings are not checked here."""
 
     def instantiate_classes(self) -> None:
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_subclass_arguments(CaptionDataModule, "data", required=True)
-        data = parser.parse_object({"data": self.config.data.as_dict()})
-        self.datamodule = parser.instantiate_classes(data).data
+        """The parser's own instantiation: with ``model`` a plain mapping, only the data is a class."""
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.datamodule = self.config_init["data"]

@@ -233,7 +233,6 @@ class CaptionDataModule(pl.LightningDataModule):
     def clip_encoder(self) -> ImageEncoder:
         """The image encoder named by ``clip_model`` (a CLIP, or a BLIP checkpoint's vision encoder),
         loaded once (extraction, and checking caches)."""
-
         if self.clip_model is None:
             raise ValueError(f"{type(self).__name__}: data.init_args.clip_model is not set")
         return load_image_encoder(self.clip_model)
@@ -621,7 +620,6 @@ class SyntheticCaptions(CaptionDataModule):
 
     @property
     def world(self) -> Path:
-
         return ensure_world(Path(self.world_dir) if self.world_dir else None)
 
     @property
@@ -635,7 +633,6 @@ class SyntheticCaptions(CaptionDataModule):
         self.world  # noqa: B018 - builds the world once, on rank 0, if it is absent
 
     def read_split(self, split: str) -> AnnotationSet:
-
         world = self.world
         records = load_annotations(world, split=split)
         if not records:

@@ -313,7 +313,6 @@ class CaptionModule(pl.LightningModule):
 
 def _rng_states() -> dict[str, Any]:
     """The random generators' states: torch (CPU and every CUDA device), numpy and Python's."""
-
     # Plain tensors and tuples only, so that checkpoints still load with ``weights_only=True``.
     name, keys, position, has_gauss, cached_gauss = np.random.get_state()
     states: dict[str, Any] = {
@@ -334,7 +333,6 @@ def _rng_states() -> dict[str, Any]:
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     """Restores what :func:`_rng_states` saved (CUDA states only onto as many devices as both have)."""
-
     torch.set_rng_state(states["torch"].cpu())
     name, keys, position, has_gauss, cached_gauss = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
