@@ -48,7 +48,7 @@ def fingerprints(datamodule, batch) -> dict[str, list[dict[str, float]]]:
             output = objective(captioner, batch)
             output.loss.backward()
             gradients = [p.grad for p in captioner.parameters() if p.grad is not None]
-            record = {"loss": float(output.loss)}
+            record = {"loss": float(output.loss.detach())}
             record.update({f"term/{key}": float(value) for key, value in output.terms.items()})
             record["gradient_sum"] = float(sum(g.double().sum() for g in gradients))
             record["gradient_norm"] = float(torch.sqrt(sum(g.double().square().sum() for g in gradients)))

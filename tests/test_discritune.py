@@ -56,27 +56,34 @@ def test_discriminative_reward_by_hand() -> None:
 
 
 def test_reinforce_loss_and_baselines_by_hand() -> None:
+    """The baselines of the loss −R (DiscriTune's convention; their updates take the rewards)."""
     rewards = torch.tensor([-0.5, -2.0])
     log_probs = torch.tensor([-1.0, -3.0])
     baseline = CumulativeMeanBaseline()
     losses = -rewards
-    first = baseline(losses)
+    first = baseline.loss_baseline(losses, 1, None)
     torch.testing.assert_close(first, torch.zeros(2))  # no past batch yet
     torch.testing.assert_close(
         reinforce_loss(rewards, first, log_probs), torch.tensor([0.5 * -1.0, 2.0 * -3.0])
     )
-    baseline.update(losses)  # batch mean loss 1.25
-    baseline.update(torch.tensor([0.25, 0.25]))
-    assert baseline(losses)[0].item() == pytest.approx((1.25 + 0.25) / 2)
+    baseline.update(rewards)  # batch mean loss 1.25
+    baseline.update(torch.tensor([-0.25, -0.25]))
     b = (1.25 + 0.25) / 2
+    assert baseline.loss_baseline(losses, 1, None)[0].item() == pytest.approx(b)
     torch.testing.assert_close(
-        reinforce_loss(rewards, baseline(losses), log_probs),
+        reinforce_loss(rewards, baseline.loss_baseline(losses, 1, None), log_probs),
         torch.tensor([(0.5 - b) * -1.0, (2.0 - b) * -3.0]),
     )
+    # The advantage is R minus the reward-space baseline −b, and −A · log π is DiscriTune's loss.
+    estimate = baseline(rewards, 1)
+    torch.testing.assert_close(estimate.advantages, rewards + b)
+    torch.testing.assert_close(
+        -estimate.advantages * log_probs, reinforce_loss(rewards, estimate.baseline, log_probs)
+    )
     average = MovingAverageBaseline(decay=0.5)
-    average.update(torch.tensor([2.0]))
-    average.update(torch.tensor([4.0]))
-    assert average(torch.zeros(1)).item() == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
+    average.update(torch.tensor([-2.0]))
+    average.update(torch.tensor([-4.0]))
+    assert average.loss_baseline(torch.zeros(1), 1, None).item() == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
 
 
 def test_hard_negatives_skip_the_image_itself_near_duplicates_and_the_batch() -> None:
@@ -107,10 +114,11 @@ def test_reward_with_shared_negatives_equals_the_reward_over_all_candidates() ->
 def test_leave_one_out_and_self_critical_baselines_by_hand() -> None:
     losses = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 1.0])  # 2 images × 3 samples, image-major
     torch.testing.assert_close(
-        LeaveOneOutBaseline(samples=3)(losses), torch.tensor([4.0, 3.5, 1.5, 2.5, 2.5, 4.0])
+        LeaveOneOutBaseline(samples=3).loss_baseline(losses, 3, None),
+        torch.tensor([4.0, 3.5, 1.5, 2.5, 2.5, 4.0]),
     )
     greedy = torch.tensor([3.0, 3.0, 3.0, 2.0, 2.0, 2.0])
-    torch.testing.assert_close(SelfCriticalBaseline()(losses, greedy), greedy)
+    torch.testing.assert_close(SelfCriticalBaseline().loss_baseline(losses, 3, greedy), greedy)
     with pytest.raises(ValueError, match="samples"):
         LeaveOneOutBaseline(samples=1)
     with pytest.raises(ValueError, match="do_sample"):

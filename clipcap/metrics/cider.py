@@ -72,7 +72,8 @@ class CiderD:
             raise ValueError("CiderD: the corpus of reference sets is empty")
         self._log_sets = math.log(float(sets))
         self._log_frequency = {gram: math.log(count) for gram, count in frequency.items() if count > 1}
-        self._references: dict[Hashable, list[_Vector]] = {}
+        self.kept: dict[Hashable, list[_Vector]] = {}
+        """Reference vectors kept by :meth:`score`'s keys; clear it to free them."""
 
     def _vector(self, caption: str) -> _Vector:
         weights: tuple[dict[tuple[str, ...], float], ...] = tuple({} for _ in range(self.order))
@@ -104,12 +105,12 @@ class CiderD:
 
     def reference_vectors(self, key: Hashable, references: Sequence[str]) -> list[_Vector]:
         """The vectors of one image's references, computed on first use and kept under ``key``."""
-        vectors = self._references.get(key)
+        vectors = self.kept.get(key)
         if vectors is None:
-            vectors = self._references[key] = self._reference_vectors(references, key)
+            vectors = self.kept[key] = self._vectors_of(references, key)
         return vectors
 
-    def _reference_vectors(self, references: Sequence[str], what: object) -> list[_Vector]:
+    def _vectors_of(self, references: Sequence[str], what: object) -> list[_Vector]:
         if not references:
             raise ValueError(f"CiderD: {what} has no reference captions")
         return [self._vector(caption) for caption in references]
@@ -142,7 +143,7 @@ class CiderD:
             vectors = (
                 self.reference_vectors(keys[index], refs)
                 if keys is not None
-                else self._reference_vectors(refs, f"candidate {index}")
+                else self._vectors_of(refs, f"candidate {index}")
             )
             hypothesis = self._vector(candidate)
             scores[index] = 10.0 * sum(self._similarity(hypothesis, ref) for ref in vectors) / len(vectors)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,11 +25,17 @@ class TrainingData:
         dataset: the dataset's name, which feature caches record (checked when one is opened).
         train_features: opens the training split's feature cache (DiscriTune's distractor bank), or None
             when there is no training data.
+        labelled: training batches carry each image's reference captions (``batch.references``); False
+            for an unlabelled pool (``data.init_args.unlabelled``).
+        train_references: the training split's reference sets, one sequence of captions per image (the
+            document frequencies of a CIDEr-D reward), or None when there are none.
     """
 
     clip_model: str | None = None
     dataset: str | None = None
     train_features: Callable[[], FeatureCache] | None = None
+    labelled: bool = True
+    train_references: Callable[[], list[Sequence[str]]] | None = None
 
 
 @dataclass

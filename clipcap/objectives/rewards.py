@@ -1,4 +1,6 @@
-"""Reward, log-probability and baseline maths of the REINFORCE objectives, as plain functions and modules.
+"""Reward and log-probability maths of the REINFORCE objectives, as plain functions (the advantage
+estimators are in :mod:`clipcap.objectives.advantages`, the reward objects in
+:mod:`clipcap.objectives.reward_functions`).
 
 Legend for shapes: B captions in the batch, N candidate images (the target and its distractors), D CLIP
 embedding size, T caption tokens, V vocabulary.
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def full_precision(device: torch.device | str) -> torch.autocast:
@@ -143,107 +144,6 @@ def reinforce_loss(rewards: torch.Tensor, baseline: torch.Tensor, log_probs: tor
         (B,) losses; their mean is what is optimised.
     """
     return (-rewards.detach() - baseline.detach()) * log_probs
-
-
-class Baseline(nn.Module):
-    """A baseline of the per-sample loss −R; its state lives in buffers, so checkpoints keep it.
-
-    Attributes:
-        samples_per_image: captions sampled per image (k); the objective rolls out B·k captions.
-        needs_greedy_reference: the objective must also decode each image greedily and pass those
-            captions' losses as ``reference_losses`` (self-critical training).
-    """
-
-    samples_per_image: int = 1
-    needs_greedy_reference: bool = False
-
-    def forward(self, losses: torch.Tensor, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
-        """The baseline to subtract from ``losses``, computed before this batch is seen.
-
-        Args:
-            losses: (B·k,) per-caption losses −R, image-major (the k samples of an image are adjacent).
-            reference_losses: (B·k,) the greedy caption's loss of each caption's image, when
-                ``needs_greedy_reference``.
-        """
-        raise NotImplementedError
-
-    def update(self, losses: torch.Tensor) -> None:
-        """Takes this batch's losses (B,) into account for the next batches."""
-
-
-class CumulativeMeanBaseline(Baseline):
-    """The mean of all past batch-mean losses (DiscriTune's, from EGG's ``MeanBaseline``); 0 at first."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
-
-    def forward(self, losses: torch.Tensor, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
-        return self.mean.to(losses.dtype).expand_as(losses)
-
-    def update(self, losses: torch.Tensor) -> None:
-        self.count += 1
-        self.mean += (losses.detach().double().mean() - self.mean) / self.count
-
-
-class MovingAverageBaseline(Baseline):
-    """An exponential moving average of batch-mean losses (``decay`` weight on the past); 0 at first.
-
-    Args:
-        decay: weight of the previous value, in [0, 1).
-    """
-
-    def __init__(self, decay: float = 0.99) -> None:
-        super().__init__()
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"MovingAverageBaseline: decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.register_buffer("value", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
-
-    def forward(self, losses: torch.Tensor, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
-        return self.value.to(losses.dtype).expand_as(losses)
-
-    def update(self, losses: torch.Tensor) -> None:
-        mean = losses.detach().double().mean()
-        # The first batch sets the average instead of being shrunk towards 0.
-        self.value.copy_(mean if self.count == 0 else self.decay * self.value + (1 - self.decay) * mean)
-        self.count += 1
-
-
-class SelfCriticalBaseline(Baseline):
-    """Self-critical sequence training (Rennie et al. 2017): the baseline of a sampled caption is the loss
-    of the greedy caption of the same image, so only captions that beat greedy decoding are reinforced.
-    Needs a sampling rollout (a greedy rollout would have zero advantage everywhere)."""
-
-    needs_greedy_reference = True
-
-    def forward(self, losses: torch.Tensor, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
-        if reference_losses is None:
-            raise ValueError("SelfCriticalBaseline needs the greedy captions' losses (reference_losses)")
-        return reference_losses.to(losses.dtype)
-
-
-class LeaveOneOutBaseline(Baseline):
-    """REINFORCE leave-one-out (Kool et al. 2019): k captions are sampled per image and each one's baseline
-    is the mean loss of the other k − 1 of the same image. Needs a sampling rollout.
-
-    Args:
-        samples: captions sampled per image (k ≥ 2).
-    """
-
-    def __init__(self, samples: int = 4) -> None:
-        super().__init__()
-        if samples < 2:
-            raise ValueError(f"LeaveOneOutBaseline: samples must be at least 2, got {samples}")
-        self.samples_per_image = samples
-
-    def forward(self, losses: torch.Tensor, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
-        k = self.samples_per_image
-        per_image = losses.detach().view(-1, k)
-        others = (per_image.sum(dim=1, keepdim=True) - per_image) / (k - 1)
-        return others.reshape(-1)
 
 
 def hard_negative_indices(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as LightningProgressBar
@@ -79,9 +79,11 @@ class ClipcapCLI(LightningCLI):
         resolve_ckpt_path(config)
 
     def before_instantiate_classes(self) -> None:
-        """Checks the optimizer's and scheduler's hyperparameters before the models load (which takes
-        seconds to minutes)."""
-        check_optimization_settings(self.config[self.subcommand] if self.subcommand else self.config)
+        """Checks the objective's, the optimizer's and the scheduler's settings before the models load
+        (which takes seconds to minutes)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_objective_settings(config)
+        check_optimization_settings(config)
 
     def instantiate_classes(self) -> None:
         """Lightning's instantiation, with the module told it is built from this config (it then saves the
@@ -168,6 +170,37 @@ def resolve_ckpt_path(config: Namespace) -> None:
         ckpt_path = config.ckpt_path = str(found[-1])
         print(f"[clipcap] --ckpt_path last: {ckpt_path}", flush=True)
     read_checkpoint(ckpt_path, "--ckpt_path", mmap=True)
+
+
+def check_objective_settings(config: Namespace) -> None:
+    """Builds the configured objective alone (objectives load nothing when built: their CLIPs and reference
+    LMs load at setup), so that a setting it refuses (no reward, a reward weight that is not finite, a group
+    advantage with one caption per image) is reported before the models load; and refuses an objective
+    whose rewards read reference captions (CIDEr-D) on unlabelled training data.
+
+    Raises:
+        ValueError: naming ``model.objective`` and what the objective said.
+    """
+    model = config.get("model")
+    objective_config = model.get("objective") if model is not None else None
+    if not _is_class_config(objective_config):
+        return
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--objective", type=Objective)
+    try:
+        parsed = parser.parse_object({"objective": objective_config.clone()})
+        objective = parser.instantiate_classes(parsed).objective
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"model.objective ({objective_config.class_path}): {error}") from None
+    data = config.get("data")
+    data_args = _init_args(data) if _is_class_config(data) else {}
+    if getattr(objective, "needs_references", False) and data_args.get("unlabelled"):
+        names = [type(r).__name__ for r in getattr(objective, "rewards", ()) if r.needs_references]
+        raise ValueError(
+            f"model.objective ({objective_config.class_path}): {', '.join(names)} compares captions with the "
+            "images' reference captions, but the training data is unlabelled "
+            "(data.init_args.unlabelled=true): serve the references or choose rewards that need none"
+        )
 
 
 def check_optimization_settings(config: Namespace) -> None:

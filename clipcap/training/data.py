@@ -249,6 +249,10 @@ class CaptionDataModule(pl.LightningDataModule):
             clip_model=self.clip_model,
             dataset=self.dataset_name,
             train_features=lambda: self.split("train").features,
+            labelled=not self.unlabelled,
+            train_references=None
+            if self.unlabelled
+            else lambda: [entry.references for entry in self.split("train").images],
         )
 
     def load_split(self, split: str) -> CaptionSplit:
