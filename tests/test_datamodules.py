@@ -455,6 +455,20 @@ def test_coco_discritune_config_trains_on_the_fixture(corpora, tmp_path: Path) -
     assert isinstance(cli.model.optimizer_factory(torch.nn.Linear(1, 1).parameters()), torch.optim.Adam)
 
 
+@pytest.mark.parametrize(
+    ("name", "objective"),
+    [("scst_cider", "SCST"), ("scst_clip_s", "SCST"), ("discritune_grpo", "PolicyGradient"),
+     ("cider_retrieval", "PolicyGradient")],
+)  # fmt: skip
+def test_coco_reward_configs_train_on_the_fixture(name: str, objective: str, corpora, tmp_path: Path) -> None:
+    cli = fit_shipped_config(
+        f"lightning_configs/coco/{name}.yaml", corpora["coco_karpathy"], tmp_path,
+        "--model.objective.init_args.rollout.max_new_tokens=6",
+    )  # fmt: skip
+    assert cli.trainer.state.finished and int(cli.model.skipped_steps) == 0
+    assert type(cli.model.objective).__name__ == objective
+
+
 def test_conceptual_discritune_config_trains_on_the_fixture(corpora, tmp_path: Path) -> None:
     cli = fit_shipped_config(
         "lightning_configs/conceptual/discritune.yaml", corpora["conceptual_shards"], tmp_path
@@ -565,6 +579,10 @@ def test_every_shipped_config_is_exercised() -> None:
         SYNTHETIC_CE,
         REPO / "lightning_configs/coco/ce.yaml",
         REPO / "lightning_configs/coco/discritune.yaml",
+        *(
+            REPO / f"lightning_configs/coco/{name}.yaml"
+            for name in ("scst_cider", "scst_clip_s", "discritune_grpo", "cider_retrieval")
+        ),
         REPO / "lightning_configs/conceptual/discritune.yaml",
         REPO / "lightning_configs/coco/two_stage_10k_stage1.yaml",
         REPO / "lightning_configs/coco/two_stage_10k_stage2.yaml",

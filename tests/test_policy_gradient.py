@@ -459,3 +459,45 @@ def test_one_rollout_option_on_the_command_line_keeps_the_presets_other_settings
     )  # fmt: skip
     rollout = cli.model.objective.rollout
     assert rollout.max_new_tokens == 12 and rollout.stop_at_period and rollout.do_sample == sampled
+
+
+def test_the_token_normalisation_is_self_critical_codes_loss(world_batch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SCST's loss as self-critical.pytorch's RewardCriterion computes it, on constructed captions (ended by
+    EOS, by ".", cut by the cap, empty): ``Σ_i −A_i · Σ_t log π_it / Σ_i n_i``, the EOS that ended a caption
+    counted among its tokens, A the reward minus the image's greedy caption's reward."""
+    datamodule, batch = world_batch
+    torch.manual_seed(0)
+    captioner = tiny_captioner(datamodule.clip_dim, trainable=True).eval()
+    period = captioner.lm.period_token_ids[0]
+    eos = captioner.lm.eos_token_id
+    a, b, c, d = [t for t in range(100, 400) if t not in captioner.lm.period_token_ids][:4]
+    images = batch.clip_features[:2]
+    small = type(batch)(image_ids=batch.image_ids[:2], clip_features=images, references=batch.references[:2])
+    sampled = [[a, b], [a, b, c, period], [a, b, c, d, a, b], []]  # image 0: EOS, "."; image 1: cap, EOS
+    greedy = [[a], [c, d, a]]
+
+    def generate_ids(features, rollout, keep_mode=False):
+        return sampled if rollout.do_sample else greedy
+
+    monkeypatch.setattr(captioner, "generate_ids", generate_ids)
+    objective = SCST(
+        rewards=[LengthReward()],
+        rollout=DecodingConfig(do_sample=True, max_new_tokens=6, stop_at_period=True),
+        samples_per_image=2,
+    )
+    objective.setup(datamodule.training_data())
+    output = objective(captioner, small)
+
+    words = lambda ids: len(captioner.tokenizer.decode(ids, skip_special_tokens=True).split())  # noqa: E731
+    rewards = torch.tensor([-float(words(ids)) for ids in sampled])
+    baseline = torch.tensor([-float(words(ids)) for ids in greedy]).repeat_interleave(2)
+    advantages = rewards - baseline
+    scored = [[a, b, eos], [a, b, c, period], [a, b, c, d, a, b], [eos]]  # what each caption chose
+    total, count = torch.zeros(()), 0
+    for index, ids in enumerate(scored):
+        tokens = type(objective)._caption_tokens(captioner, [ids])[0]
+        logits = captioner(images[index // 2 : index // 2 + 1], tokens).logits
+        log_probs = logits.float().log_softmax(-1)[0, torch.arange(len(ids)), torch.tensor(ids)]
+        total = total - advantages[index] * log_probs.sum()
+        count += len(ids)
+    torch.testing.assert_close(output.loss, total / count, rtol=1e-5, atol=1e-6)

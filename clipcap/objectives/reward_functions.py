@@ -374,7 +374,9 @@ class ClipScoreReward(Reward):
             )
         if clip.device != images.device:
             clip.to(images.device)
-        texts = [f"{self.prompt} {text}".strip() for text in captions.texts]
+        # As Hessel et al.'s code and the CLIPScore metric: the prompt, one space, the caption.
+        prefix = "" if not self.prompt else self.prompt if self.prompt.endswith(" ") else self.prompt + " "
+        texts = [prefix + text for text in captions.texts]
         values = clip_score(images.float()[captions.owners], clip.encode_text(texts).float(), self.scale)
         return RewardOutput(values)
 
