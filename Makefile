@@ -93,8 +93,9 @@ lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check clipcap tests benchmarks experiments
 	$(VENV)/bin/ruff format --check clipcap tests benchmarks experiments
 
-bench: $(STAMP) ## the benchmark suite, both GPT-2 shapes (~15 min on a 2-core CPU): one table, written to docs/benchmarks.md
+bench: $(STAMP) ## the benchmark suite, both GPT-2 shapes (~25 min on a 2-core CPU): its table and the reward presets' steps, written to docs/benchmarks.md
 	$(PYTHON) -m benchmarks.bench_suite --write docs/benchmarks.md
+	$(PYTHON) -m benchmarks.bench_rewards --write docs/benchmarks.md
 
 bench-eval: $(STAMP) ## time the evaluation of 5,000 images (needs the demo's checkpoint: run `make demo` first)
 	$(PYTHON) -m benchmarks.bench_evaluation

@@ -55,7 +55,7 @@ CAPTION_TOKENS = 20
 PARTS = ("rollout", "CLIP scoring", "log-prob pass", "backward", "optimizer")
 
 
-class _Clock:
+class Clock:
     """Timestamps taken inside ``DiscriTune.forward`` by wrapping what it calls (device synced)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -112,7 +112,7 @@ def bench_shape(
     )
     objective.set_receiver(receiver)
     optimizer = torch.optim.Adam(captioner.parameters(), lr=1e-7, fused=True)
-    clock = _Clock(device)
+    clock = Clock(device)
     captioner.generate_ids = clock.around(captioner.generate_ids, after="rollout")
     captioner.rollout_with_logits = clock.around(captioner.rollout_with_logits, after="rollout")
     Objective._caption_tokens = staticmethod(clock.around(DiscriTune._caption_tokens, before="scored"))

@@ -64,3 +64,16 @@ def test_quick_run_writes_every_row_with_positive_figures(
     ):
         assert split in block
     assert "| small | 8 | " in block.split("GumbelClip step split by part", 1)[1]
+
+
+def test_reward_benchmark_writes_a_row_per_preset_and_the_cider_line(tmp_path: Path) -> None:
+    bench_rewards = importlib.import_module("benchmarks.bench_rewards")
+    markdown = tmp_path / "benchmarks.md"
+    bench_rewards.main(["--shapes", "small", "--batches", "2", "--steps", "1", "--write", str(markdown)])
+    block = markdown.read_text().split("<!-- bench:rewards-cpu -->\n", 1)[1].split("<!-- /bench:", 1)[0]
+    rows = [line for line in block.splitlines() if line.startswith(("| DiscriTune", "| SCST"))]
+    assert [row.split("|")[1].strip() for row in rows] == ["DiscriTune", "SCST"]
+    for row in rows:
+        seconds = [float(cell.strip().removesuffix(" s")) for cell in row.strip("|").split("|")[4:]]
+        assert len(seconds) == 6 and all(value > 0 for value in seconds)
+    assert re.search(r"CIDEr-D reward of 100 images × 5 samples .*: \d+\.\d ms", block)
