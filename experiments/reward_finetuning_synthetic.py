@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         help="extra `clipcap fit` option for every run (repeatable)",
     )
     parser.add_argument("--greedy", action="store_true", help="also test each run with greedy decoding")
-    parser.add_argument("--weights", default="0,0.3,1", help="the mixture study's retrieval weights")
+    parser.add_argument("--weights", default="0,0.5,2", help="the mixture study's retrieval weights")
+    parser.add_argument(
+        "--key",
+        default=None,
+        help="the results block's key (default rewards-STUDY), to keep parallel runs apart",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     summaries = []
     runs_of_study = STUDIES[args.study] or mixture_runs([float(w) for w in args.weights.split(",")])
     for label, config, options in runs_of_study:
-        runs = []
+        runs, greedy_runs = [], []
         for seed in seeds:
             root = args.out / args.study / label.replace(" ", "_").replace(",", "") / f"seed{seed}"
             cli = lightning_cli(
@@ -110,10 +115,13 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(scores)
             if args.greedy:
                 rows[f"{label}, seed {seed}, greedy"] = greedy_metrics(best)
+                greedy_runs.append(rows[f"{label}, seed {seed}, greedy"])
             print(
                 f"[evidence] {label}, seed {seed}: {json.dumps({k: scores[k] for k in COLUMNS})}", flush=True
             )
         summaries.append(spread_row(f"{label}, beam 5", runs, COLUMNS))
+        if greedy_runs:
+            summaries.append(spread_row(f"{label}, greedy", greedy_runs, COLUMNS))
     lines = metrics_table("model, test decoding", rows, COLUMNS) + summaries
     command = "python -m experiments.reward_finetuning_synthetic " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
@@ -126,10 +134,11 @@ def main(argv: list[str] | None = None) -> None:
             f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
             f"{time.perf_counter() - started:.0f} s on a 2-core CPU",
             "- Configs: "
-            + ", ".join(sorted({f"`{config}`" for _, config, _ in STUDIES[args.study]}))
+            + ", ".join(sorted({f"`{config}`" for _, config, _ in runs_of_study}))
             + (f"; options {' '.join(args.fit_option)}" if args.fit_option else "")
             + "; the seeds change the order of the training images and the sampled captions; each run's best"
-            " epoch by its config's validation metric is tested with beam 5",
+            " epoch by its config's validation metric is tested with beam 5"
+            + (" and with greedy decoding" if args.greedy else ""),
             "",
             *lines,
         ]
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         from benchmarks.bench_captioner import write_markdown
 
-        write_markdown(args.write, f"rewards-{args.study}", block)
+        write_markdown(args.write, args.key or f"rewards-{args.study}", block)
 
 
 if __name__ == "__main__":

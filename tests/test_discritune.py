@@ -462,14 +462,15 @@ def test_a_receiver_clip_other_than_the_features_clip(world_batch, other_receive
     output = objective(captioner, batch)
     # By hand: the same greedy captions, read by the other CLIP, against its cached image embeddings.
     texts = objective._texts(captioner, captioner.generate_ids(batch.clip_features, objective.rollout))
-    cache = objective.__dict__["_receiver_caches"]["train"]
+    retrieval = objective.retrieval  # the preset's RetrievalReward holds the receiver's caches and bank
+    cache = retrieval.__dict__["_receiver_caches"]["train"]
     images = torch.stack([torch.from_numpy(cache.get(i)) for i in batch.image_ids])
-    negatives = objective._hard_negatives(images, batch.image_ids)
+    negatives = retrieval._hard_negatives(images, batch.image_ids)
     expected = discriminative_reward_with_negatives(
         receiver.encode_text(texts), images, torch.arange(len(texts)), negatives, receiver.logit_scale
     )
     torch.testing.assert_close(output.terms["reward"], expected.mean())
-    assert objective.__dict__["_bank"].shape[1] == 16  # hard negatives come from the receiver's cache
+    assert retrieval.__dict__["_bank"].shape[1] == 16  # hard negatives come from the receiver's cache
 
 
 def test_a_receiver_clip_without_its_own_features_is_refused(world_batch, other_receiver) -> None:

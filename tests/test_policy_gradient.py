@@ -461,7 +461,9 @@ def test_one_rollout_option_on_the_command_line_keeps_the_presets_other_settings
     assert rollout.max_new_tokens == 12 and rollout.stop_at_period and rollout.do_sample == sampled
 
 
-def test_the_token_normalisation_is_self_critical_codes_loss(world_batch, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_token_normalisation_is_self_critical_codes_loss(
+    world_batch, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SCST's loss as self-critical.pytorch's RewardCriterion computes it, on constructed captions (ended by
     EOS, by ".", cut by the cap, empty): ``Σ_i −A_i · Σ_t log π_it / Σ_i n_i``, the EOS that ended a caption
     counted among its tokens, A the reward minus the image's greedy caption's reward."""

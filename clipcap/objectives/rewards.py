@@ -15,6 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The baselines lived here before the advantage estimators got their own module; configs saved in
+# checkpoints may name them by this path.
+from clipcap.objectives.advantages import (  # noqa: F401
+    CumulativeMeanBaseline,
+    LeaveOneOutBaseline,
+    MovingAverageBaseline,
+    SelfCriticalBaseline,
+)
+
 
 def full_precision(device: torch.device | str) -> torch.autocast:
     """A context in which autocast is off on ``device``'s type: tensors keep their dtypes, so float32 inputs
