@@ -230,8 +230,15 @@ class PrefixLM(nn.Module):
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, logits_to_keep: int
     ) -> torch.Tensor:
         kwargs = {}
-        if logits_to_keep and self.takes_logits_to_keep:
-            kwargs["logits_to_keep"] = logits_to_keep
+        length = inputs_embeds.shape[1]
+        if 0 < logits_to_keep < length and self.takes_logits_to_keep:
+            # The positions as a tensor, not a count: transformers then gathers the hidden states into a
+            # contiguous tensor, and the LM head is one matrix product. Given a count, it slices them
+            # (non-contiguous), and on CPU the head falls back to one small product per row, about twice as
+            # slow forward and backward (docs/benchmarks.md, "LM head").
+            kwargs["logits_to_keep"] = torch.arange(
+                length - logits_to_keep, length, device=inputs_embeds.device
+            )
         logits = self.model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs
         ).logits

@@ -347,3 +347,26 @@ def test_llama_sequences_start_with_bos_everywhere_and_gpt2_ones_do_not(
     assert without.prefix(features).shape[1] == 3
     forced = ClipCaptioner(gpt2.lm, functools.partial(MLPMapper, prefix_length=3), clip_dim=16, bos=True)
     assert forced.bos_token_id == gpt2.lm.tokenizer.bos_token_id and forced.prefix(features).shape[1] == 4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_logits_for_the_kept_positions_equal_the_full_logits(
+    arch: str, trainable: bool, gpt2_folder: Path, llama_folder: Path
+) -> None:
+    """PrefixLM passes the kept positions as a tensor (a contiguous gather, one matrix product for the head):
+    the logits and the gradients equal those of the full pass cut afterwards."""
+    torch.manual_seed(0)
+    lm = PrefixLM(str(gpt2_folder if arch == "gpt2" else llama_folder), trainable=trainable).eval()
+    embeds = torch.randn(3, 9, lm.model.get_input_embeddings().weight.shape[1], requires_grad=True)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    kept = lm(embeds, mask, logits_to_keep=4)
+    (kept.square().sum()).backward()
+    gradient = embeds.grad.clone()
+    embeds.grad = None
+    full = lm(embeds, mask)[:, -4:]
+    (full.square().sum()).backward()
+    assert kept.shape == (3, 4, full.shape[-1])
+    torch.testing.assert_close(kept, full)
+    torch.testing.assert_close(gradient, embeds.grad)
+    assert kept.is_contiguous()
