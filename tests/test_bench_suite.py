@@ -77,3 +77,13 @@ def test_reward_benchmark_writes_a_row_per_preset_and_the_cider_line(tmp_path: P
         seconds = [float(cell.strip().removesuffix(" s")) for cell in row.strip("|").split("|")[4:]]
         assert len(seconds) == 6 and all(value > 0 for value in seconds)
     assert re.search(r"CIDEr-D reward of 100 images × 5 samples .*: \d+\.\d ms", block)
+
+
+def test_lm_head_benchmark_compares_both_ways_on_equal_logits(tmp_path: Path) -> None:
+    bench_lm_head = importlib.import_module("benchmarks.bench_lm_head")
+    markdown = tmp_path / "benchmarks.md"
+    bench_lm_head.main(["--shapes", "small", "--rounds", "1", "--write", str(markdown)])
+    row = next(line for line in markdown.read_text().splitlines() if line.startswith("| small"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert float(cells[1].removesuffix(" s")) > 0 and float(cells[2].removesuffix(" s")) > 0
+    assert float(cells[4]) == 0.0  # the same logits either way
