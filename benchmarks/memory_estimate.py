@@ -52,7 +52,8 @@ T_c 20 (so T 30, N 240), LoRA r 8 on q_proj and v_proj with dropout 0.05, ClipCa
 
   7B: 7,866,240 + 7,895,040 + 15,851,520 + 9,845,760 = 41,458,560 B (39.5 MiB) per layer, 1.24 GiB for
   32. Once per model: the final RMSNorm 4·N·D + 4·N (3.75 MiB), rotary cos and sin 2·T·d·b, the loss's
-  float32 log-softmax 4·B·T_c·V (19.5 MiB) and int64 targets 8·B·T_c, and the mapper's input and tanh
+  float32 log-softmax 4·B·T_c·V (19.5 MiB), int64 targets 8·B·T_c and the T_c + 1 int64 positions the LM
+  head keeps logits for 8·(T_c + 1), and the mapper's input and tanh
   output 4·B·(D_clip + h).
   With gradient checkpointing (non-reentrant, per decoder layer) each layer keeps only its input,
   L·b·N·D = 60 MiB, and backward recomputes one layer at a time: one layer's activations (39.5 MiB) are
@@ -411,7 +412,11 @@ def estimate_lora_memory(
         config, batch, positions, dtype_bytes, lora_rank, lora_targets, lora_dropout, quantization
     )
     final_norm = 4 * tokens * width + 4 * tokens
-    loss = 4 * batch * targets_tokens * shape.vocab_size + 8 * batch * targets_tokens
+    # The float32 log-softmax, the int64 targets, and the int64 positions the LM head's logits are kept
+    # for (T_c + 1, gathered from the hidden states: clipcap.lm.PrefixLM).
+    loss = (
+        4 * batch * targets_tokens * shape.vocab_size + 8 * batch * targets_tokens + 8 * (targets_tokens + 1)
+    )
     mapper = 4 * batch * (clip_dim + hidden)
     if gradient_checkpointing:
         layers, recompute = shape.num_layers * b * tokens * width, layer

@@ -405,10 +405,15 @@ class CiderReward(Reward):
         keep_unregistered(self, "_cider", None)
 
     def setup(self, data: TrainingData, encoders: dict[str, ClipEncoder]) -> None:
-        if not data.labelled or data.train_references is None:
+        if not data.labelled:
             raise ValueError(
                 "CiderReward needs the training images' reference captions, but the training data is "
                 "unlabelled (data.init_args.unlabelled=true): drop the CIDEr reward or serve the references"
+            )
+        if data.train_references is None:
+            raise ValueError(
+                "CiderReward counts its document frequencies in the training split's references, and this "
+                "run has no training data (a CaptionDataModule) to read them from"
             )
         if self._cider is None:
             corpus = [ptb_tokenize_all(references) for references in data.train_references()]
