@@ -93,7 +93,7 @@ lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check clipcap tests benchmarks experiments
 	$(VENV)/bin/ruff format --check clipcap tests benchmarks experiments
 
-bench: $(STAMP) ## the benchmark suite, both GPT-2 shapes (~25 min on a 2-core CPU): its table and the reward presets' steps, written to docs/benchmarks.md
+bench: $(STAMP) ## the benchmark suite, both GPT-2 shapes (~30 min on a 2-core CPU): its table and the reward presets' steps, written to docs/benchmarks.md
 	$(PYTHON) -m benchmarks.bench_suite --write docs/benchmarks.md
 	$(PYTHON) -m benchmarks.bench_rewards --write docs/benchmarks.md
 
