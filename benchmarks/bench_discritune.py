@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,6 +79,52 @@ class Clock:
         return wrapped
 
 
+def random_captioner(shape_name: str, device: torch.device) -> ClipCaptioner:
+    """A captioner of a GPT-2 shape with random weights, LM and MLP mapper trained (prefix 10, 512-d
+    features), in training mode."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_random_gpt2(SHAPES[shape_name], Path(folder))
+        torch.manual_seed(0)
+        captioner = ClipCaptioner(
+            PrefixLM(folder, trainable=True), functools.partial(MLPMapper, prefix_length=10), clip_dim=512
+        ).to(device)
+    return captioner.train()
+
+
+def timed_steps(
+    objective: torch.nn.Module,
+    captioner: ClipCaptioner,
+    make_batch: Callable[[int], CaptionBatch],
+    steps: int,
+    clock: Clock,
+    parts: Callable[[dict[str, float]], dict[str, float]],
+) -> dict[str, float]:
+    """Median seconds of each part of ``steps`` training steps after one warm-up step, and of the whole
+    step (key ``"step"``): the objective's forward on ``make_batch(step)``, backward, a fused Adam step.
+
+    ``parts`` turns the clock's marks into named durations: ``start``, ``loss``, ``backward`` and
+    ``optimizer`` are set here, the others by the clocks the caller put around the objective's calls.
+    """
+    optimizer = torch.optim.Adam(captioner.parameters(), lr=1e-7, fused=True)
+    times: dict[str, list[float]] = {}
+    for step in range(steps + 1):
+        batch = make_batch(step)
+        clock.mark("start")
+        loss = objective(captioner, batch).loss
+        clock.mark("loss")
+        loss.backward()
+        clock.mark("backward")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.mark("optimizer")
+        if step:  # the first step warms up
+            marks = clock.marks
+            durations = {**parts(marks), "step": marks["optimizer"] - marks["start"]}
+            for part, seconds in durations.items():
+                times.setdefault(part, []).append(seconds)
+    return {part: statistics.median(values) for part, values in times.items()}
+
+
 def bench_shape(
     shape_name: str, batch: int, steps: int, device: torch.device, from_rollout: bool = False
 ) -> dict[str, float]:
@@ -91,13 +138,7 @@ def bench_shape(
     ``from_rollout`` (``DiscriTune(log_probs_from_rollout=True)``) only picking log π from the rollout's
     logits.
     """
-    with tempfile.TemporaryDirectory() as folder:
-        save_random_gpt2(SHAPES[shape_name], Path(folder))
-        torch.manual_seed(0)
-        captioner = ClipCaptioner(
-            PrefixLM(folder, trainable=True), functools.partial(MLPMapper, prefix_length=10), clip_dim=512
-        ).to(device)
-    captioner.train()
+    captioner = random_captioner(shape_name, device)
     receiver = ClipEncoder.from_model(CLIPModel(CLIPConfig()), name="random ViT-B/32 shape").to(device)
     known_ids = len(captioner.tokenizer)  # the random LM's ids beyond its small tokenizer are mapped into it
 
@@ -111,38 +152,26 @@ def bench_shape(
         log_probs_from_rollout=from_rollout,
     )
     objective.set_receiver(receiver)
-    optimizer = torch.optim.Adam(captioner.parameters(), lr=1e-7, fused=True)
     clock = Clock(device)
     captioner.generate_ids = clock.around(captioner.generate_ids, after="rollout")
     captioner.rollout_with_logits = clock.around(captioner.rollout_with_logits, after="rollout")
     Objective._caption_tokens = staticmethod(clock.around(DiscriTune._caption_tokens, before="scored"))
-    times: dict[str, list[float]] = {part: [] for part in (*PARTS, "step")}
 
-    for step in range(steps + 1):
-        batch_data = CaptionBatch(
+    def make_batch(step: int) -> CaptionBatch:
+        return CaptionBatch(
             image_ids=[str(i) for i in range(batch)], clip_features=torch.randn(batch, 512, device=device)
         )
-        clock.mark("start")
-        loss = objective(captioner, batch_data).loss
-        clock.mark("loss")
-        loss.backward()
-        clock.mark("backward")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        clock.mark("optimizer")
-        m = clock.marks
-        parts = {
+
+    def parts(m: dict[str, float]) -> dict[str, float]:
+        return {
             "rollout": m["rollout"] - m["start"],
             "CLIP scoring": m["scored"] - m["rollout"],
             "log-prob pass": m["loss"] - m["scored"],
             "backward": m["backward"] - m["loss"],
             "optimizer": m["optimizer"] - m["backward"],
-            "step": m["optimizer"] - m["start"],
         }
-        if step:  # the first step warms up
-            for part, seconds in parts.items():
-                times[part].append(seconds)
-    return {part: statistics.median(values) for part, values in times.items()}
+
+    return timed_steps(objective, captioner, make_batch, steps, clock, parts)
 
 
 def main(argv: list[str] | None = None) -> None:

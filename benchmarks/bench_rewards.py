@@ -22,10 +22,8 @@ Run:
 from __future__ import annotations
 
 import argparse
-import functools
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,23 +31,18 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from benchmarks.bench_captioner import (
-    SHAPES,
     command_line,
     figure,
     load_average,
     machine_description,
     quiet_libraries,
     run_lines,
-    save_random_gpt2,
     write_markdown,
 )
-from benchmarks.bench_discritune import Clock
-from clipcap.captioner import ClipCaptioner
+from benchmarks.bench_discritune import Clock, random_captioner, timed_steps
 from clipcap.clip import ClipEncoder
 from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
-from clipcap.lm import PrefixLM
-from clipcap.mapper import MLPMapper
 from clipcap.metrics.ptb import ptb_tokenize_all
 from clipcap.objectives import SCST, CiderReward, DiscriTune, PolicyGradient
 from clipcap.objectives.base import TrainingData
@@ -96,48 +89,31 @@ def bench_step(
     preset: str, shape_name: str, batch: int, steps: int, device: torch.device
 ) -> dict[str, float]:
     """Median seconds of each part of one step of ``preset``, and of the whole step (key ``"step"``)."""
-    with tempfile.TemporaryDirectory() as folder:
-        save_random_gpt2(SHAPES[shape_name], Path(folder))
-        torch.manual_seed(0)
-        captioner = ClipCaptioner(
-            PrefixLM(folder, trainable=True), functools.partial(MLPMapper, prefix_length=10), clip_dim=512
-        ).to(device)
-    captioner.train()
+    captioner = random_captioner(shape_name, device)
     objective = build_objective(preset, len(captioner.tokenizer), device)
     objective.train()
-    optimizer = torch.optim.Adam(captioner.parameters(), lr=1e-7, fused=True)
     clock = Clock(device)
     captioner.generate_ids = clock.around(captioner.generate_ids, after="rollout")
     objective._rewards = clock.around(objective._rewards, after="rewarded")
     references = reference_sets(batch, seed=2)
-    times: dict[str, list[float]] = {part: [] for part in (*PARTS, "step")}
-    for step in range(steps + 1):
-        data = CaptionBatch(
+
+    def make_batch(step: int) -> CaptionBatch:
+        return CaptionBatch(
             image_ids=[f"{step}-{i}" for i in range(batch)],
             clip_features=torch.randn(batch, 512, device=device),
             references=references,
         )
-        clock.mark("start")
-        loss = objective(captioner, data).loss
-        clock.mark("loss")
-        loss.backward()
-        clock.mark("backward")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        clock.mark("optimizer")
-        m = clock.marks
-        parts = {
+
+    def parts(m: dict[str, float]) -> dict[str, float]:
+        return {
             "rollout": m["rollout"] - m["start"],
             "rewards": m["rewarded"] - m["rollout"],
             "log-prob pass": m["loss"] - m["rewarded"],
             "backward": m["backward"] - m["loss"],
             "optimizer": m["optimizer"] - m["backward"],
-            "step": m["optimizer"] - m["start"],
         }
-        if step:  # the first step warms up
-            for part, seconds in parts.items():
-                times[part].append(seconds)
-    return {part: statistics.median(values) for part, values in times.items()}
+
+    return timed_steps(objective, captioner, make_batch, steps, clock, parts)
 
 
 def bench_cider(images: int = 100, repeats: int = 5) -> dict[str, float]:
