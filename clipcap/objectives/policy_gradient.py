@@ -33,18 +33,19 @@ from clipcap.objectives.advantages import (
 from clipcap.objectives.base import Objective, ObjectiveOutput, TrainingData
 from clipcap.objectives.reference import check_reference_lm, reference_lm, start_token_id
 from clipcap.objectives.reward_functions import CiderReward, Reward, RolloutCaptions
-from clipcap.objectives.rewards import egg_row_lengths, full_precision
+from clipcap.objectives.rewards import (
+    egg_normalised,
+    egg_row_lengths,
+    full_precision,
+    mean_over_tokens,
+    token_log_probs,
+)
 
 LOG_PROB_NORMALISATIONS = ("egg", "mean", "token")
 GREEDY_ROLLOUT = DecodingConfig(max_new_tokens=30, stop_at_period=True)
 """The default rollout (DiscriTune's). Defaults are written in the signatures and copied, so that an option
 given on the command line (``rollout.max_new_tokens=20``) changes that field and keeps the others."""
 KL_MODES = ("reward", "loss")
-
-
-def token_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """(N, T) the log-probability of each token: ``logits[:, t]`` predicts ``token_ids[:, t]``."""
-    return logits.float().log_softmax(-1).gather(2, token_ids[:, :, None]).squeeze(2)
 
 
 class PolicyGradient(Objective):
@@ -299,23 +300,18 @@ class PolicyGradient(Objective):
         max_new_tokens: int,
     ) -> torch.Tensor:
         """(N,) a caption's log π (or log p_LM) from its (N, T) token log-probabilities."""
-        positions = torch.arange(token_values.shape[1], device=token_values.device)[None, :]
         if self.log_prob_normalisation == "mean":
-            empty = lengths == 0
-            # An empty caption is scored on its stop token (position 0).
-            counted = torch.where(empty[:, None], positions == 0, positions < lengths[:, None])
-            return (token_values * counted).sum(1) / counted.sum(1).clamp(min=1)
+            return mean_over_tokens(token_values, lengths)
         if self.log_prob_normalisation == "token":
             counts = lengths + with_stop.long()
+            positions = torch.arange(token_values.shape[1], device=token_values.device)[None, :]
             total = (token_values * (positions < counts[:, None])).sum(1)
             return total * (len(counts) / counts.sum().clamp(min=1))
         # EGG's: a caption that stopped at once has log π = 0 and no gradient.
-        total = (token_values * (positions < lengths[:, None])).sum(1)
-        padded_length = egg_row_lengths(lengths, stopped, max_new_tokens).max().clamp(min=1)
-        return total / torch.minimum(lengths + 1, padded_length)
+        return egg_normalised(token_values, lengths, egg_row_lengths(lengths, stopped, max_new_tokens))
 
+    @staticmethod
     def _k3_kl(
-        self,
         policy: torch.Tensor,
         reference: torch.Tensor,
         lengths: torch.Tensor,
@@ -323,12 +319,8 @@ class PolicyGradient(Objective):
     ) -> torch.Tensor:
         """The mean over captions of GRPO's per-token KL estimator, averaged over each caption's tokens."""
         counts = lengths + (with_stop.long() if with_stop is not None else 0)
-        empty = counts == 0
-        positions = torch.arange(policy.shape[1], device=policy.device)[None, :]
-        counted = torch.where(empty[:, None], positions == 0, positions < counts[:, None])
         difference = reference - policy
-        per_token = torch.exp(difference) - difference - 1
-        return ((per_token * counted).sum(1) / counted.sum(1).clamp(min=1)).mean()
+        return mean_over_tokens(torch.exp(difference) - difference - 1, counts).mean()
 
     def _unprefixed_token_log_probs(self, captioner: Captioner, tokens: CaptionTokens) -> torch.Tensor:
         """(N, T) log p_LM of each caption token under the frozen LM, given only a start token instead of

@@ -76,6 +76,19 @@ def cosine_reward(
         return (F.normalize(text_embeds.float(), dim=-1) * images).sum(-1)
 
 
+def token_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32 log-probability of each token: ``logits[:, t]`` (B, T, V) predicts ``token_ids[:, t]``."""
+    return logits.float().log_softmax(-1).gather(2, token_ids[:, :, None]).squeeze(2)
+
+
+def mean_over_tokens(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B,) the mean of each row's first ``counts[b]`` values of (B, T) ``values``; a row with none is
+    given its first value (a caption that stopped at once is scored on its stop token)."""
+    positions = torch.arange(values.shape[1], device=values.device)[None, :]
+    counted = torch.where((counts == 0)[:, None], positions == 0, positions < counts[:, None])
+    return (values * counted).sum(1) / counted.sum(1).clamp(min=1)
+
+
 def caption_log_probs(logits: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Mean token log-probability of each caption, the stop excluded (``DiscriTune(log_prob_normalisation=
     "mean")``; EGG's own normalisation is :func:`egg_caption_log_probs`).
@@ -89,13 +102,7 @@ def caption_log_probs(logits: torch.Tensor, token_ids: torch.Tensor, lengths: to
         (B,) mean token log-probability over the first ``lengths[b]`` tokens. A caption with no token
         before its stop gets its stop token's log-probability instead, so that it still has a gradient.
     """
-    token_log_probs = logits.float().log_softmax(-1).gather(2, token_ids[:, :, None]).squeeze(2)
-    positions = torch.arange(token_ids.shape[1], device=token_ids.device)[None, :]
-    empty = lengths == 0
-    # An empty caption is scored on its stop token (position 0).
-    counted = torch.where(empty[:, None], positions == 0, positions < lengths[:, None])
-    total = (token_log_probs * counted).sum(1)
-    return total / counted.sum(1).clamp(min=1)
+    return mean_over_tokens(token_log_probs(logits, token_ids), lengths)
 
 
 def egg_row_lengths(lengths: torch.Tensor, stopped: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -132,9 +139,14 @@ def egg_caption_log_probs(
     Returns:
         (B,) float32 log π.
     """
-    token_log_probs = logits.float().log_softmax(-1).gather(2, token_ids[:, :, None]).squeeze(2)
-    positions = torch.arange(token_ids.shape[1], device=token_ids.device)[None, :]
-    total = (token_log_probs * (positions < lengths[:, None])).sum(1)
+    return egg_normalised(token_log_probs(logits, token_ids), lengths, row_lengths)
+
+
+def egg_normalised(values: torch.Tensor, lengths: torch.Tensor, row_lengths: torch.Tensor) -> torch.Tensor:
+    """EGG's normalisation of (B, T) token log-probabilities (see :func:`egg_caption_log_probs`): the first
+    ``lengths[b]`` summed and divided by ``min(n + 1, T)``, T the longest of ``row_lengths``."""
+    positions = torch.arange(values.shape[1], device=values.device)[None, :]
+    total = (values * (positions < lengths[:, None])).sum(1)
     padded_length = row_lengths.max().clamp(min=1)
     return total / torch.minimum(lengths + 1, padded_length)
 
