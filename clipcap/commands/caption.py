@@ -30,6 +30,7 @@ from clipcap.data.images import ImageReadError, load_image
 from clipcap.features.encoders import load_image_encoder
 from clipcap.generation import DecodingConfig
 from clipcap.metrics.clip_scores import clip_score as clip_score_of
+from clipcap.metrics.clip_scores import prompted
 from clipcap.training.evaluation import TEST_DECODING_KEY
 from clipcap.training.module import CaptionModule
 
@@ -116,8 +117,8 @@ def caption_images(
             captions = [texts[0] for texts in module.captioner.generate(features, decoding)]
             scores: list[float | None] = [None] * len(captions)
             if clip_score:  # only then: a BLIP captioner's encoder cannot score
-                prompted = [f"A photo depicts {c}" for c in captions]
-                scores = clip_score_of(pooled, encoder.encode_text(prompted)).tolist()
+                texts = [prompted("A photo depicts", c) for c in captions]
+                scores = clip_score_of(pooled, encoder.encode_text(texts)).tolist()
         for (path, _), caption, score in zip(batch, captions, scores, strict=True):
             row: dict[str, Any] = {"image": path, "caption": caption}
             if clip_score:

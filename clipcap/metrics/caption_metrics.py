@@ -26,6 +26,7 @@ from clipcap.frozen import keep_unregistered
 from clipcap.metrics.clip_scores import (
     clip_score,
     max_reference_similarity,
+    prompted,
     ref_clip_score,
     ref_compare,
     retrieval_p_at_1_blocks,
@@ -333,12 +334,6 @@ class ClipCaptionScores(_GatheredListMetric):
         self._add_gathered_state("text_embeds", torch.float32, (dim,))
         self._add_gathered_state("image_embeds", torch.float32, (dim,))
 
-    def _prompted(self, text: str) -> str:
-        if not self.prompt:
-            return text
-        # As Hessel et al.'s code: the prompt, one space, the caption.
-        return (self.prompt if self.prompt.endswith(" ") else self.prompt + " ") + text
-
     def _encode(self, texts: list[str]) -> torch.Tensor:
         """(len(texts), D) float32 embeddings on the metric's device, each distinct text encoded once."""
         unique = list(dict.fromkeys(texts))
@@ -371,7 +366,7 @@ class ClipCaptionScores(_GatheredListMetric):
         for row, index in enumerate(indices.tolist()):
             reference_texts.extend(self.references[index])
             owner.extend([row] * len(self.references[index]))
-        texts = [self._prompted(text) for text in [*captions, *reference_texts]]
+        texts = [prompted(self.prompt, text) for text in [*captions, *reference_texts]]
         with torch.no_grad(), _autocast_disabled(self.device, self.encoder.device, image_embeds.device):
             embeds = self._encode(texts)
             candidates, references = embeds[: len(captions)], embeds[len(captions) :]

@@ -89,6 +89,14 @@ def paired_cosine(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         return (_unit(first) * _unit(second)).sum(dim=-1)
 
 
+def prompted(prompt: str | None, text: str) -> str:
+    """The text CLIP reads for CLIP-S: as Hessel et al.'s code, the prompt, one space, the caption (the
+    caption alone when ``prompt`` is empty; a prompt already ending in a space gets no second one)."""
+    if not prompt:
+        return text
+    return (prompt if prompt.endswith(" ") else prompt + " ") + text
+
+
 def clip_score(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, weight: float = CLIP_SCORE_WEIGHT
 ) -> torch.Tensor:

@@ -31,7 +31,7 @@ from clipcap.data.batch import CaptionBatch
 from clipcap.features.cache import FeatureCache, cache_expectation
 from clipcap.frozen import keep_unregistered
 from clipcap.metrics.cider import CiderD
-from clipcap.metrics.clip_scores import CLIP_SCORE_WEIGHT, clip_score
+from clipcap.metrics.clip_scores import CLIP_SCORE_WEIGHT, clip_score, prompted
 from clipcap.metrics.ptb import ptb_tokenize_all
 from clipcap.objectives.base import TrainingData
 from clipcap.objectives.rewards import (
@@ -374,9 +374,7 @@ class ClipScoreReward(Reward):
             )
         if clip.device != images.device:
             clip.to(images.device)
-        # As Hessel et al.'s code and the CLIPScore metric: the prompt, one space, the caption.
-        prefix = "" if not self.prompt else self.prompt if self.prompt.endswith(" ") else self.prompt + " "
-        texts = [prefix + text for text in captions.texts]
+        texts = [prompted(self.prompt, text) for text in captions.texts]
         values = clip_score(images.float()[captions.owners], clip.encode_text(texts).float(), self.scale)
         return RewardOutput(values)
 
