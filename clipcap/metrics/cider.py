@@ -127,8 +127,8 @@ class CiderD:
             candidates: N tokenized captions.
             references: per candidate, its image's tokenized references.
             keys: per candidate, the image it describes: its references' vectors are then kept under it and
-                reused (several samples of one image, the same image in a later step). None: computed for
-                this call only.
+                reused (several samples of one image, the same image in a later step), and the references
+                of a key already kept are not read. None: computed for this call only.
 
         Raises:
             ValueError: the lengths differ, or a candidate has no references.

@@ -425,6 +425,10 @@ class CiderReward(Reward):
             raise RuntimeError("CiderReward: setup() has not counted the document frequencies")
         batch = captions.batch
         owners = captions.owners.tolist()
+        if len(cider.kept) > self.kept_images:
+            cider.kept.clear()
+        # An image's references are tokenized only until its vectors are kept (CiderD reads them once).
+        keys: dict[int, tuple[str, tuple[str, ...]]] = {}
         references: dict[int, list[str]] = {}
         for owner in sorted(set(owners)):
             raw = batch.references[owner] if owner < len(batch.references) else []
@@ -433,11 +437,11 @@ class CiderReward(Reward):
                     f"CiderReward: image {batch.image_ids[owner]!r} has no reference captions; CIDEr-D "
                     "rewards need every training image's references"
                 )
-            references[owner] = ptb_tokenize_all(raw)
-        if len(cider.kept) > self.kept_images:
-            cider.kept.clear()
-        keys = [(batch.image_ids[owner], tuple(batch.references[owner])) for owner in owners]
-        scores = cider.score(ptb_tokenize_all(captions.texts), [references[o] for o in owners], keys)
+            keys[owner] = (batch.image_ids[owner], tuple(raw))
+            references[owner] = [] if keys[owner] in cider.kept else ptb_tokenize_all(raw)
+        scores = cider.score(
+            ptb_tokenize_all(captions.texts), [references[o] for o in owners], [keys[o] for o in owners]
+        )
         return RewardOutput(torch.from_numpy(scores).float().to(captions.owners.device))
 
 
