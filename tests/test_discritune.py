@@ -33,6 +33,7 @@ from clipcap.training import CaptionModule, SyntheticCaptions
 from clipcap.training.cli import lightning_cli
 from clipcap.training.data import CaptionImages
 from tiny_models import tiny_captioner
+from two_processes import csv_rows, run_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 CE_CONFIG = str(REPO / "lightning_configs" / "synthetic" / "ce.yaml")
@@ -411,23 +412,14 @@ def test_global_distractors_under_two_process_ddp(
     global_distractors: bool, tiny_world: Path, tmp_path: Path
 ) -> None:
     """2 CPU processes (gloo), 4 images each: with global distractors each caption competes against 8."""
-    import csv
-    import os
-    import subprocess
-    import sys
-
-    command = [
-        sys.executable, "-m", "clipcap", "fit", "--config", CE_CONFIG, "--model.objective=DiscriTune",
-        f"--model.objective.global_distractors={str(global_distractors).lower()}",
-        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4",
-        "--trainer.default_root_dir", str(tmp_path),
-    ]  # fmt: skip
-    environment = {**os.environ, "CLIPCAP_WORLD": str(tiny_world), "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    run_two_processes(
+        ["fit", "--config", CE_CONFIG, "--model.objective=DiscriTune",
+         f"--model.objective.global_distractors={str(global_distractors).lower()}", "--trainer.max_epochs=1",
+         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1",
+         "--data.init_args.batch_size=4", "--trainer.default_root_dir", str(tmp_path)],
+        tiny_world,
+    )  # fmt: skip
+    rows = csv_rows(tmp_path)
     candidates = {float(row["train/candidates_step"]) for row in rows if row.get("train/candidates_step")}
     assert candidates == ({8.0} if global_distractors else {4.0})
 

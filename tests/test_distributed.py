@@ -8,12 +8,8 @@ command (DESIGN decision 7: `ddp`, not `ddp_spawn`). The single-process runs are
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +19,7 @@ import torch
 import yaml
 
 from clipcap.training.cli import lightning_cli
+from two_processes import QUIET, csv_rows, run_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "lightning_configs" / "synthetic"
@@ -52,8 +49,6 @@ SYNCED = {
     "discritune": ["val/loss", "val/reward", "val/log_prob", "val/batch_p_at_1", "val/candidates"],
     "gumbel_clip": [],
 }
-TWO_PROCESSES = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def evaluated_config(name: str, folder: Path) -> Path:
@@ -68,25 +63,6 @@ def evaluated_config(name: str, folder: Path) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def run_two_processes(arguments: list[str], world: Path) -> subprocess.CompletedProcess:
-    """``python -m clipcap <arguments>`` on 2 CPU processes (DDP over gloo) in ``world``."""
-    environment = {**os.environ, "CLIPCAP_WORLD": str(world), "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(
-        [sys.executable, "-m", "clipcap", *arguments, *TWO_PROCESSES, *QUIET],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,  # ~30 s when it works; a rank left waiting in a collective would hang forever
-    )
-    assert finished.returncode == 0, finished.stderr[-4000:]
-    return finished
-
-
-def csv_rows(root: Path) -> list[dict[str, str]]:
-    (path,) = root.rglob("metrics.csv")
-    return list(csv.DictReader(path.open()))
 
 
 def evaluation_files(root: Path) -> tuple[dict, list[dict]]:

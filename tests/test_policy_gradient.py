@@ -31,6 +31,7 @@ from clipcap.training import SyntheticCaptions
 from clipcap.training.data import CaptionImages
 from discritune_fingerprints import fingerprints
 from tiny_models import tiny_captioner
+from two_processes import csv_rows, run_two_processes
 
 RECORDED = Path(__file__).parent / "data" / "discritune_fingerprints.json"
 
@@ -422,23 +423,14 @@ def test_cider_on_unlabelled_training_data_stops_the_command(
 
 def test_scst_under_two_process_ddp(tiny_world: Path, tmp_path: Path) -> None:
     """2 CPU processes (gloo), 4 images each, 5 samples per image: the SCST preset fits and logs."""
-    import csv
-    import os
-    import subprocess
-    import sys
-
-    command = [
-        sys.executable, "-m", "clipcap", "fit", "--config", CE_CONFIG, "--model.objective=SCST",
-        "--model.objective.init_args.rollout.max_new_tokens=8",
-        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4",
-        "--trainer.default_root_dir", str(tmp_path),
-    ]  # fmt: skip
-    environment = {**os.environ, "CLIPCAP_WORLD": str(tiny_world), "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    run_two_processes(
+        ["fit", "--config", CE_CONFIG, "--model.objective=SCST",
+         "--model.objective.init_args.rollout.max_new_tokens=8", "--trainer.max_epochs=1",
+         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1",
+         "--data.init_args.batch_size=4", "--trainer.default_root_dir", str(tmp_path)],
+        tiny_world,
+    )  # fmt: skip
+    rows = csv_rows(tmp_path)
     captions = {float(row["train/captions_step"]) for row in rows if row.get("train/captions_step")}
     assert captions == {20.0}  # each rank's 4 images × 5 samples
     assert any(row.get("train/greedy_reward_step") for row in rows)
