@@ -201,7 +201,7 @@ class PolicyGradient(Objective):
         if self.advantage.needs_greedy:
             with torch.no_grad():
                 greedy_ids = captioner.generate_ids(features, replace(self.rollout, do_sample=False))
-            greedy = RolloutCaptions(self._texts(captioner, greedy_ids), owners[::k], batch, greedy=True)
+            greedy = RolloutCaptions(self._texts(captioner, greedy_ids), owners[::k], batch)
 
         # 2. Rewards, in float32 whatever autocast the step runs under (CLIP's logit scale of 100 turns bf16
         # rounding into ~0.1 nat of reward).
@@ -282,7 +282,7 @@ class PolicyGradient(Objective):
                     f"{type(reward).__name__} returned rewards of shape {tuple(values.shape)} for "
                     f"{len(captions.texts)} captions"
                 )
-            weighted = values if reward.weight == 1.0 else reward.weight * values
+            weighted = reward.weight * values  # exact for a weight of 1
             total = weighted if total is None else total + weighted
             terms.update(output.terms)
             if parts:

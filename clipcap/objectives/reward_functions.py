@@ -50,14 +50,14 @@ class RolloutCaptions:
         texts: N decoded captions, image-major.
         owners: (N,) the row of each caption's image in ``batch``.
         batch: the step's batch (its images' features, ids and references).
-        greedy: these are the greedy reference captions of a self-critical baseline (one per image), not
-            the sampled ones; rewards compute them alike, and their logged terms are dropped.
+
+    A self-critical baseline's greedy captions (one per image) are scored the same way; the objective
+    drops the terms their rewards log.
     """
 
     texts: list[str]
     owners: torch.Tensor
     batch: CaptionBatch
-    greedy: bool = False
 
 
 @dataclass
