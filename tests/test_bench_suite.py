@@ -87,3 +87,13 @@ def test_lm_head_benchmark_compares_both_ways_on_equal_logits(tmp_path: Path) ->
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert float(cells[1].removesuffix(" s")) > 0 and float(cells[2].removesuffix(" s")) > 0
     assert float(cells[4]) == 0.0  # the same logits either way
+
+
+def test_mapper_attention_benchmark_compares_both_ways_on_equal_outputs(tmp_path: Path) -> None:
+    bench = importlib.import_module("benchmarks.bench_mapper_attention")
+    markdown = tmp_path / "benchmarks.md"
+    bench.main(["--shapes", "small", "--rounds", "1", "--write", str(markdown)])
+    row = next(line for line in markdown.read_text().splitlines() if line.startswith("| small"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert all(float(cells[i].removesuffix(" s")) > 0 for i in (1, 2, 4, 5))
+    assert float(cells[6]) < 1e-5  # the same prefix either way

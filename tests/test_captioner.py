@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from benchmarks.naive_decoders import naive_greedy
 from clipcap.captioner import ClipCaptioner
 from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig, cut_at_stop, stop_token_ids
 from clipcap.lm import PrefixLM
-from clipcap.mapper import MLPMapper, TransformerMapper
+from clipcap.mapper import FusedAttentionEncoderLayer, MLPMapper, TransformerMapper
 from clipcap.objectives import CrossEntropy
 
 CLIP_DIM = 16
@@ -43,6 +45,40 @@ def test_transformer_mapper_takes_pooled_and_grid_features() -> None:
     assert mapper(torch.randn(2, 7, 16)).shape == (2, 3, 8)
     with pytest.raises(ValueError, match="num_heads"):
         TransformerMapper(clip_dim=16, lm_dim=8, num_heads=3)
+
+
+def test_transformer_mapper_fused_attention_equals_torch_layers() -> None:
+    """With gradients the mapper's layers run a packed Q/K/V product and SDPA; outputs and gradients equal
+    ``nn.TransformerEncoderLayer``'s own forward on the same weights, pooled and grid, train and eval."""
+    torch.manual_seed(0)
+    fused = TransformerMapper(
+        clip_dim=16, lm_dim=12, prefix_length=3, clip_length=5, num_layers=2, num_heads=3
+    )
+    with torch.no_grad():  # LayerNorms away from (1, 0), so that a swapped or skipped norm would show
+        for name, parameter in fused.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    plain = copy.deepcopy(fused)
+    for layer in plain.transformer.layers:
+        layer.__class__ = nn.TransformerEncoderLayer
+    assert all(type(layer) is FusedAttentionEncoderLayer for layer in fused.transformer.layers)
+    for features in (torch.randn(4, 16), torch.randn(4, 7, 16)):
+        for training in (True, False):
+            outputs, gradients = [], []
+            for mapper in (fused, plain):
+                mapper.train(training)
+                mapper.zero_grad()
+                output = mapper(features)
+                (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+                outputs.append(output)
+                gradients.append([p.grad for p in mapper.parameters()])  # None: unused (pooled or grid)
+            torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-5)
+            for fused_grad, plain_grad in zip(*gradients, strict=True):
+                if plain_grad is None:
+                    assert fused_grad is None
+                else:
+                    torch.testing.assert_close(fused_grad, plain_grad, atol=1e-6, rtol=1e-5)
+    assert set(fused.state_dict()) == set(plain.state_dict())
 
 
 def test_targets_end_with_eos_and_padding_is_found_by_length(gpt2_folder: Path) -> None:
