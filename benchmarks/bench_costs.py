@@ -43,6 +43,7 @@ from benchmarks.bench_captioner import (
 )
 from clipcap.captioner import ClipCaptioner
 from clipcap.generation import DecodingConfig
+from clipcap.kv_cache import decoding_cache
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper
 
@@ -100,12 +101,16 @@ def shared_prefix(lm: PrefixLM, repeats: int) -> tuple[float, float]:
     features = torch.randn(BATCH, 512)
     decoding = DecodingConfig(num_beams=5, max_new_tokens=40, ignore_stops=True)
     captioner.generate_ids(features, DecodingConfig(num_beams=5, max_new_tokens=8, ignore_stops=True))
-    shared = captioner._shared_prefix_cache
+    shared = captioner._starting_cache
+
+    def per_beam(prefix: torch.Tensor, attention_mask: torch.Tensor, decoding: DecodingConfig):
+        # An empty cache of the same kind: generate's own expansion runs the prefix once per beam.
+        return decoding_cache(lm.base_model.config, prefix.shape[1] + decoding.max_new_tokens)
+
     seconds: dict[bool, list[float]] = {False: [], True: []}
     for repeat in range(repeats):
         for once_per_image in (False, True) if repeat % 2 == 0 else (True, False):
-            # generate's own expansion runs the prefix once per beam
-            captioner._shared_prefix_cache = shared if once_per_image else lambda *args: None
+            captioner._starting_cache = shared if once_per_image else per_beam
             start = time.perf_counter()
             captioner.generate_ids(features, decoding)
             seconds[once_per_image].append(time.perf_counter() - start)

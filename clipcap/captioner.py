@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from clipcap.compat import cache_kwargs, generate_with_gradients
 from clipcap.generation import BEAM_RANKINGS, CAPTION_ENDS, DecodingConfig, clipcap_beam_search, cut_at_stop
+from clipcap.kv_cache import decoding_cache
 from clipcap.lm import PrefixLM
 from clipcap.mapper import Mapper, MapperFactory, MLPMapper
 
@@ -320,25 +321,38 @@ class ClipCaptioner(Captioner):
         output = generate(
             inputs_embeds=prefix,
             attention_mask=attention_mask,
-            **cache_kwargs(self._shared_prefix_cache(prefix, attention_mask, decoding)),
+            **cache_kwargs(self._starting_cache(prefix, attention_mask, decoding)),
             generation_config=config,
         )
         return output, stops
 
-    def _shared_prefix_cache(
+    def _starting_cache(
         self, prefix: torch.Tensor, attention_mask: torch.Tensor, decoding: DecodingConfig
     ) -> DynamicCache | None:
-        """The KV cache of the first P − 1 prefix positions, computed once per image and repeated for each
-        of its beams (or sampled captions), or None when each image decodes one sequence.
+        """The KV cache ``generate`` starts from, or None to let it make its own.
 
-        ``generate`` copies its inputs once per beam before the first forward pass, so beam search ran the
-        same prefix through the LM num_beams times; given this cache it runs only the last prefix position
-        per beam. The captions are the same.
+        Without gradients (decoding, a REINFORCE rollout) it is a :func:`~clipcap.kv_cache.decoding_cache`
+        sized for the prefix and ``max_new_tokens``, written in place instead of grown by concatenation.
+        With gradients (``rollout_with_logits``) transformers' ``DynamicCache``: autograd keeps each step's
+        keys, which in-place writes would overwrite.
+
+        When an image decodes several sequences (beams, sampled captions), the cache holds the first P − 1
+        prefix positions, computed once per image and repeated for each sequence: ``generate`` copies its
+        inputs once per beam before the first forward pass, so beam search ran the same prefix through the
+        LM num_beams times; given this cache it runs only the last prefix position per sequence. The
+        captions are the same.
         """
         copies = decoding.num_beams if decoding.num_beams > 1 else decoding.num_return_sequences
-        if copies == 1 or prefix.shape[1] < 2:
-            return None
-        cache = DynamicCache(config=self.lm.base_model.config)
+        shared = copies > 1 and prefix.shape[1] > 1
+        config = self.lm.base_model.config
+        if torch.is_grad_enabled():
+            if not shared:
+                return None
+            cache = DynamicCache(config=config)
+        else:
+            cache = decoding_cache(config, capacity=prefix.shape[1] + decoding.max_new_tokens)
+            if not shared:
+                return cache
         self.lm.model(
             inputs_embeds=prefix[:, :-1],
             attention_mask=attention_mask[:, :-1],

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from clipcap.compat import cache_kwargs, returned_cache
+from clipcap.kv_cache import decoding_cache
 from clipcap.lm import PrefixLM
 
 
@@ -223,7 +224,8 @@ def clipcap_beam_search(
         return logits.softmax(-1).log(), returned_cache(output) or cache
 
     attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
-    first, cache = step(prefix, attention, DynamicCache(config=lm.base_model.config))
+    cache = decoding_cache(lm.base_model.config, capacity=prefix.shape[1] + decoding.max_new_tokens)
+    first, cache = step(prefix, attention, cache)
     vocab = first.shape[-1]
     scores, next_ids = first.topk(beams, dim=-1)  # (B, K)
     cache.batch_repeat_interleave(beams)

@@ -97,3 +97,17 @@ def test_mapper_attention_benchmark_compares_both_ways_on_equal_outputs(tmp_path
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert all(float(cells[i].removesuffix(" s")) > 0 for i in (1, 2, 4, 5))
     assert float(cells[6]) < 1e-5  # the same prefix either way
+
+
+def test_kv_cache_benchmark_times_every_arm_on_equal_captions(tmp_path: Path) -> None:
+    bench = importlib.import_module("benchmarks.bench_kv_cache")
+    markdown = tmp_path / "benchmarks.md"
+    bench.main(
+        ["--shapes", "small", "--rounds", "1", "--images", "2", "--tokens", "4", "--write", str(markdown)]
+    )
+    rows = [line for line in markdown.read_text().splitlines() if line.startswith("| small")]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[2].removesuffix(" s")) > 0 and float(cells[4].removesuffix(" s")) > 0
+        assert cells[7].endswith("yes")  # the in-place cache decodes what the dynamic one does

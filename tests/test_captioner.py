@@ -282,7 +282,7 @@ def test_beams_and_samples_share_one_prefix_pass_with_unchanged_captions(
         DecodingConfig(do_sample=True, num_return_sequences=3, max_new_tokens=9),
     ):
         prefix = captioner.prefix(features)
-        assert captioner._shared_prefix_cache(prefix, torch.ones(prefix.shape[:2]), decoding) is not None
+        assert captioner._starting_cache(prefix, torch.ones(prefix.shape[:2]), decoding) is not None
         torch.manual_seed(1)
         shared = captioner.generate_ids(features, decoding)
         stops = decoding.stop_ids(captioner.lm)
