@@ -8,12 +8,13 @@ are exact for the given config; activation terms count the tensors autograd save
 prints the estimate beside what it measures on a GPU, and the estimate alone where there is none.
 
 Legend: B batch, P prefix length, T_c target caption tokens (EOS included; for DiscriTune the R rollout
-tokens), T = P + T_c positions in the teacher-forced pass, N = B·T, D hidden size, L layers, H attention
+tokens), T = P + T_c − 1 positions in the teacher-forced pass (one more with a BOS such as LLaMA's <s>; the
+caption's last token predicts nothing and is not fed), N = B·T, D hidden size, L layers, H attention
 heads, H_kv key-value heads, d head size, I MLP width, V vocabulary, r LoRA rank, b bytes per element of
 the base's dtype (2 for float16/bfloat16, 4 for float32), h the mapper's hidden width (P·D/2, ClipCap's).
 
 Worked example, LLaMA-2-7B (D 4096, L 32, H = H_kv 32, d 128, I 11008, V 32000), float16, batch 8, P 10,
-T_c 20 (so T 30, N 240), LoRA r 8 on q_proj and v_proj with dropout 0.05, ClipCap's MLP mapper from
+T_c 20 (so T 30 with LLaMA's <s>, N 240), LoRA r 8 on q_proj and v_proj with dropout 0.05, ClipCap's MLP mapper from
 512-d CLIP features (h 20480); GiB = 2^30 bytes:
 
 - base weights: 6,738,415,616 parameters × b = 13,476,831,232 B = 12.55 GiB. Parameters: embeddings
@@ -52,9 +53,8 @@ T_c 20 (so T 30, N 240), LoRA r 8 on q_proj and v_proj with dropout 0.05, ClipCa
 
   7B: 7,866,240 + 7,895,040 + 15,851,520 + 9,845,760 = 41,458,560 B (39.5 MiB) per layer, 1.24 GiB for
   32. Once per model: the final RMSNorm 4·N·D + 4·N (3.75 MiB), rotary cos and sin 2·T·d·b, the loss's
-  float32 log-softmax 4·B·T_c·V (19.5 MiB), int64 targets 8·B·T_c and the T_c + 1 int64 positions the LM
-  head keeps logits for 8·(T_c + 1), and the mapper's input and tanh
-  output 4·B·(D_clip + h).
+  float32 log-softmax 4·B·T_c·V (19.5 MiB), int64 targets 8·B·T_c and the T_c int64 positions the LM head
+  keeps logits for 8·T_c, and the mapper's input and tanh output 4·B·(D_clip + h).
   With gradient checkpointing (non-reentrant, per decoder layer) each layer keeps only its input,
   L·b·N·D = 60 MiB, and backward recomputes one layer at a time: one layer's activations (39.5 MiB) are
   counted once more as ``recompute``.
@@ -397,7 +397,7 @@ def estimate_lora_memory(
     discritune = objective == "discritune"
     targets_tokens = rollout_tokens if discritune else caption_tokens
     lead = prefix_length + int(bos)  # what the LM reads before the caption
-    positions = lead + targets_tokens
+    positions = lead + targets_tokens - 1  # the last caption token is not fed (ClipCaptioner.forward)
     tokens = batch * positions
     width, b = shape.hidden_size, dtype_bytes
     hidden = mapper_hidden_dim or (prefix_length * width) // 2
@@ -413,10 +413,8 @@ def estimate_lora_memory(
     )
     final_norm = 4 * tokens * width + 4 * tokens
     # The float32 log-softmax, the int64 targets, and the int64 positions the LM head's logits are kept
-    # for (T_c + 1, gathered from the hidden states: clipcap.lm.PrefixLM).
-    loss = (
-        4 * batch * targets_tokens * shape.vocab_size + 8 * batch * targets_tokens + 8 * (targets_tokens + 1)
-    )
+    # for (T_c, gathered from the hidden states: clipcap.lm.PrefixLM).
+    loss = 4 * batch * targets_tokens * shape.vocab_size + 8 * batch * targets_tokens + 8 * targets_tokens
     mapper = 4 * batch * (clip_dim + hidden)
     if gradient_checkpointing:
         layers, recompute = shape.num_layers * b * tokens * width, layer

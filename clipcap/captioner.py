@@ -238,12 +238,14 @@ class ClipCaptioner(Captioner):
     def forward(self, clip_features: torch.Tensor, captions: CaptionTokens) -> TeacherForcing:
         """Teacher forcing: logits for every caption token given the prefix and the tokens before it."""
         prefix = self.prefix(clip_features)
-        embeds = torch.cat([prefix, self.lm.embed(captions.input_ids)], dim=1)
+        # Positions P-1 .. P+T-2 predict caption tokens 0 .. T-1. The last caption token predicts nothing
+        # and, the LM being causal, changes no earlier position's output: it is not fed at all, so the
+        # logits kept are exactly the T needed, contiguous (slicing off a last one would copy all of them
+        # for the loss's reshape).
+        embeds = torch.cat([prefix, self.lm.embed(captions.input_ids[:, :-1])], dim=1)
         prefix_mask = captions.attention_mask.new_ones(prefix.shape[:2])
-        attention_mask = torch.cat([prefix_mask, captions.attention_mask], dim=1)
-        # Positions P-1 .. P+T-2 predict caption tokens 0 .. T-1; the last position predicts nothing.
-        length = captions.input_ids.shape[1]
-        logits = self.lm(embeds, attention_mask, logits_to_keep=length + 1)[:, :-1]
+        attention_mask = torch.cat([prefix_mask, captions.attention_mask[:, :-1]], dim=1)
+        logits = self.lm(embeds, attention_mask, logits_to_keep=captions.input_ids.shape[1])
         return TeacherForcing(logits=logits, labels=captions.labels)
 
     @torch.no_grad()

@@ -1,7 +1,12 @@
 """Fingerprints of DiscriTune steps (loss, logged terms, every gradient's sum and norm) under the settings
 its options reach, computed the same way by ``tests/test_policy_gradient.py`` and by the one-off run that
-recorded ``tests/data/discritune_fingerprints.json`` from the objective as it was before it became a preset
-of ``PolicyGradient`` (commit 4ac3eb1)."""
+recorded ``tests/data/discritune_fingerprints.json``.
+
+The file was first recorded from the objective as it was before it became a preset of ``PolicyGradient``
+(commit 4ac3eb1), and re-recorded once when the teacher-forced pass stopped feeding the caption's last
+token, which predicts nothing (``ClipCaptioner.forward``): one position fewer draws different dropout
+masks. With every dropout at 0 the fingerprints before and after that change agreed within 4.2e-6
+(relative) in every setting and step; with dropout on, the rewards and rollouts were unchanged."""
 
 from __future__ import annotations
 

@@ -406,3 +406,29 @@ def test_logits_for_the_kept_positions_equal_the_full_logits(
     torch.testing.assert_close(kept, full)
     torch.testing.assert_close(gradient, embeds.grad)
     assert kept.is_contiguous()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_teacher_forcing_leaves_out_the_last_caption_token_without_changing_a_logit(
+    arch: str, gpt2_folder: Path, llama_folder: Path
+) -> None:
+    """The teacher-forced pass does not feed the captions' last token (it predicts nothing): its logits and
+    the mapper's gradients equal those of the whole prefix + caption run through the LM and cut to the
+    positions that predict caption tokens, with captions of different lengths (padding) in the batch."""
+    captioner = make_captioner(gpt2_folder if arch == "gpt2" else llama_folder).eval()
+    features = torch.randn(3, CLIP_DIM)
+    tokens = captioner.encode_captions(["a red circle on the left.", "a star", "two small squares, grey"])
+    teacher = captioner(features, tokens)
+    teacher.logits.square().sum().backward()
+    gradient = captioner.mapper.net[0].weight.grad.clone()
+    captioner.zero_grad()
+
+    prefix = captioner.prefix(features)
+    embeds = torch.cat([prefix, captioner.lm.embed(tokens.input_ids)], dim=1)
+    mask = torch.cat([tokens.attention_mask.new_ones(prefix.shape[:2]), tokens.attention_mask], dim=1)
+    length = tokens.input_ids.shape[1]
+    full = captioner.lm(embeds, mask)[:, prefix.shape[1] - 1 : prefix.shape[1] - 1 + length]
+    full.square().sum().backward()
+    assert teacher.logits.shape == full.shape and teacher.logits.is_contiguous()
+    torch.testing.assert_close(teacher.logits, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gradient, captioner.mapper.net[0].weight.grad, atol=1e-5, rtol=1e-4)

@@ -137,8 +137,8 @@ def test_terms_scale_as_documented() -> None:
     checkpointed = estimate(batch=8, gradient_checkpointing=True)
     assert checkpointed.activations < one.activations / 10
     assert checkpointed.recompute == layer_activation_bytes(
-        config, 8, 1 + 10 + 20, 2, 8
-    )  # <s>, prefix, caption
+        config, 8, 1 + 10 + 20 - 1, 2, 8
+    )  # <s>, prefix, caption but its last token
     assert one.recompute == 0 and one.activations > 32 * checkpointed.recompute
     assert estimate(batch=8, dtype_bytes=4).base_weights == 2 * one.base_weights
 
@@ -265,7 +265,7 @@ def test_activations_match_the_tensors_autograd_saves(
     expected = estimate.activations
     if dropout > 0 and not checkpointing:
         # CPU dropout is not fused: its mask is a float32 tensor (4 bytes), not CUDA's bool (1 byte).
-        tokens = batch * (1 + PREFIX + caption_tokens)  # <s>, the prefix, the caption
+        tokens = batch * (1 + PREFIX + caption_tokens - 1)  # <s>, the prefix, the caption but its last token
         adapter_inputs = 64 + 64 + config.intermediate_size  # q_proj, v_proj, down_proj
         expected += config.num_hidden_layers * 3 * tokens * adapter_inputs
     assert measured == pytest.approx(expected, rel=ACTIVATION_TOLERANCE)
