@@ -722,3 +722,23 @@ def test_concadia_is_scored_against_captions_and_descriptions(corpora) -> None:
     assert sets == {"caption": [("caption 2.",)], "description": [("description 2.",)]}
     single = build_datamodule(["--config", str(corpora["flickr30k"])]).reference_sets("val")
     assert single == {"": [("photo 1002.", "a picture.")]}
+
+
+def test_the_loaders_pin_memory_step_reaches_the_batch_and_its_anchor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch's ``pin_memory`` passes an unknown object through as it is, so a ``CaptionBatch`` would never be
+    pinned; it has its own ``pin_memory``, which the loader calls (pinning itself needs CUDA: here a clone
+    stands in for it, and tests/test_gpu.py checks real pinning on a GPU)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from clipcap.data.batch import CaptionBatch
+
+    pinned: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.clone()) or pinned[-1])
+    anchor = CaptionBatch(image_ids=["a"], clip_features=torch.ones(1, 4), captions=["x"])
+    batch = CaptionBatch(image_ids=["0", "1"], clip_features=torch.zeros(2, 4), anchor=anchor)
+    result = pin_memory({"images": batch, "anchor": anchor})
+    assert result["images"].clip_features is pinned[1] and result["images"].anchor.clip_features is pinned[0]
+    assert result["anchor"].clip_features is pinned[2]
+    assert result["images"].image_ids == ["0", "1"] and batch.clip_features is not pinned[1]

@@ -312,3 +312,28 @@ def test_clipping_by_norm_under_fsdp_goes_to_the_root_fsdp_module(world) -> None
     strategy.model = torch.nn.Linear(2, 2)  # not wrapped by FSDP: refused with the way out
     with pytest.raises(RuntimeError, match="gradient_clip_algorithm=value"):
         module.configure_gradient_clipping(optimizer, 1.0, "norm")
+
+
+@pytest.mark.parametrize(("lm_dtype", "precision"), [("float16", "bf16-mixed"), ("bfloat16", "16-mixed")])
+def test_lm_weights_of_the_other_16_bit_type_than_autocast_are_refused_at_setup(
+    lm_dtype: str, precision: str, tiny_world: Path, tmp_path: Path
+) -> None:
+    """Autocast cannot join two 16-bit tensors of the other 16-bit type (torch.cat raises "Unexpected floating
+    ScalarType"): fp16 weights under bf16-mixed are refused before any step, naming both fixes. (On a CPU
+    16-mixed runs as bf16-mixed, so bf16 weights pass there.)"""
+    cli = lightning_cli(
+        ["fit", "--config", str(SYNTHETIC / "ce.yaml"), f"--trainer.precision={precision}",
+         "--trainer.accelerator=cpu", f"--model.captioner.init_args.language_model.init_args.dtype={lm_dtype}",
+         "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0",
+         "--trainer.callbacks=[]", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+         "--trainer.enable_progress_bar=false", "--trainer.default_root_dir", str(tmp_path)],
+        run=False,
+    )  # fmt: skip
+    if lm_dtype == "bfloat16":  # 16-mixed became bf16-mixed on this CPU: the same type, accepted
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        assert cli.trainer.global_step == 1
+        return
+    with pytest.raises(
+        ValueError, match=r"autocasts to bfloat16.*dtype=bfloat16 or trainer.precision=16-mixed"
+    ):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)

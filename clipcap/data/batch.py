@@ -5,6 +5,7 @@ Shapes: B images in the batch, D_clip CLIP feature size, G grid tokens (grid fea
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,13 @@ class CaptionBatch:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def pin_memory(self) -> CaptionBatch:
+        """The batch with its features in page-locked host memory, so that the copy to the GPU can overlap
+        compute. A ``DataLoader(pin_memory=True)`` calls this; without it, torch passes a dataclass through
+        unpinned and the configs' ``pin_memory: true`` would do nothing."""
+        anchor = self.anchor.pin_memory() if self.anchor is not None else None
+        return dataclasses.replace(self, clip_features=self.clip_features.pin_memory(), anchor=anchor)
 
     def with_every_reference(self) -> CaptionBatch:
         """One row per (image, reference) pair: how validation scores a teacher-forced loss."""

@@ -3,6 +3,11 @@
 Inputs are validated in Python before any Java process starts: an assertion inside pycocoevalcap's METEOR
 wrapper leaves its lock held, and its ``__del__`` then waits on that lock forever when the interpreter
 exits.
+
+pycocoevalcap is imported where a score is computed, never when this module is: every objective, the
+training layer and the CLI import ``clipcap.metrics``, and a machine without pycocoevalcap (our GPU machines,
+where its 104 MB wheel cannot travel) must still train, generate and compute the CLIP metrics
+(``CaptionEvaluation(nlg_metrics=[])``).
 """
 
 from __future__ import annotations
@@ -20,11 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor import meteor as pycocoevalcap_meteor  # looked up at call time (tests patch it)
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ def _tokenize(
     )
     # pycocoevalcap prints progress lines, and its Java tokenizer a speed line on the process's stderr;
     # the caller reports the scores.
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
     with contextlib.redirect_stdout(io.StringIO()), _without_java_progress():
         tokenized = PTBTokenizer().tokenize(inputs)
     for key, captions in inputs.items():
@@ -200,6 +202,9 @@ def _without_java_progress() -> Iterator[None]:
 @contextlib.contextmanager
 def _meteor_scorer() -> Iterator[Any]:
     """pycocoevalcap's METEOR, whose Java process is stopped even if scoring fails."""
+    # The module, not its Meteor class: Meteor is looked up now, so tests can patch it.
+    from pycocoevalcap.meteor import meteor as pycocoevalcap_meteor
+
     meteor = pycocoevalcap_meteor.Meteor()
     try:
         yield meteor
@@ -231,6 +236,10 @@ def _score(
     meteor: Any,
     spice: dict[Hashable, float] | None,
 ) -> dict[str, float]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
     scores: dict[str, float] = {}
     with contextlib.redirect_stdout(io.StringIO()):
         if "BLEU" in metrics:
@@ -265,7 +274,8 @@ def coco_caption_scores(
         predictions: image id → generated caption.
         references: image id → reference captions; must cover every predicted id.
         metrics: any of :data:`SUPPORTED_METRICS`. ``SPICE`` runs only when :func:`spice_available`;
-            otherwise it is skipped with one warning per process (no download is attempted).
+            otherwise it is skipped with one warning per process (no download is attempted). None (an
+            empty sequence) checks the inputs and returns no score, without importing pycocoevalcap.
         allow_empty: score an empty or whitespace-only caption as :data:`EMPTY_CAPTION` instead of raising.
         groups: image id → subset name (e.g. nocaps ``out-domain``) or None; each subset is also scored on
             its own (CIDEr's document frequencies then come from that subset, as in a separate run).
@@ -282,6 +292,8 @@ def coco_caption_scores(
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {SUPPORTED_METRICS}")
     clean_predictions, clean_references = _validated(predictions, references, allow_empty)
+    if not metrics:  # nothing to score: no Java process, no pycocoevalcap (CaptionEvaluation(nlg_metrics=[]))
+        return {}
     group_members: dict[str, list[Hashable]] = {}
     if groups is not None:
         for image_id in clean_predictions:

@@ -292,7 +292,9 @@ class RetrievalReward(Reward):
             raise RuntimeError("RetrievalReward: hard_negatives are on but setup() has not loaded the bank")
         rows = [cache.index_of(i) if i in cache else -1 for i in image_ids]
         exclude = torch.tensor(rows, device=features.device).expand(len(rows), -1)
-        bank = bank.to(features.device)
+        if bank.device != features.device:  # moved once: the whole split's features, not a copy per step
+            bank = bank.to(features.device)
+            keep_unregistered(self, "_bank", bank)
         indices = hard_negative_indices(
             features, bank, exclude, self.hard_negatives, self.duplicate_threshold
         )

@@ -141,6 +141,31 @@ class CaptionModule(pl.LightningModule):
                 f"model.captioner.init_args.clip_dim={self.captioner.clip_dim}: set that option to "
                 f"{feature_dim} or use features from the CLIP model the checkpoint was trained with"
             )
+        self._check_precision()
+
+    def _check_precision(self) -> None:
+        """Refuses 16-bit LM weights of the other 16-bit type than the trainer's autocast.
+
+        Autocast promotes the inputs of ``torch.cat`` to the widest of them, and knows only float32 and its
+        own 16-bit type: two float16 tensors under bfloat16 autocast (or two bfloat16 under float16) raise
+        "Unexpected floating ScalarType in at::autocast::prioritize" at the first prefix + caption join.
+        Said here, before any step, with the two settings that fix it.
+        """
+        plugin = self.trainer.precision_plugin if self._trainer is not None else None
+        lm_dtype = getattr(self.captioner.lm, "dtype", None)
+        if not isinstance(plugin, MixedPrecision) or lm_dtype not in (torch.float16, torch.bfloat16):
+            return
+        autocast_dtype = torch.bfloat16 if plugin.precision == "bf16-mixed" else torch.float16
+        if lm_dtype == autocast_dtype:
+            return
+        names = {torch.float16: ("float16", "16-mixed"), torch.bfloat16: ("bfloat16", "bf16-mixed")}
+        raise ValueError(
+            f"trainer.precision={plugin.precision} autocasts to {names[autocast_dtype][0]}, but the language "
+            f"model's weights are {names[lm_dtype][0]}, which autocast cannot mix with it; set "
+            f"model.captioner.init_args.language_model.init_args.dtype={names[autocast_dtype][0]} or "
+            f"trainer.precision={names[lm_dtype][1]}"
+            + (" (on a CPU, Lightning runs 16-mixed as bf16-mixed)" if plugin.device == "cpu" else "")
+        )
 
     def _shared_step(self, batch: CaptionBatch | dict[str, CaptionBatch], stage: str) -> torch.Tensor | None:
         if isinstance(batch, dict):  # an unlabelled batch with its labelled anchor (anchor_batch_size)
