@@ -294,6 +294,12 @@ class ClipCaptioner(Captioner):
             raise ValueError(
                 "rollout_with_logits: ClipCap's beam ranking has no logits to keep; use generate's"
             )
+        if decoding.kv_cache == "static":
+            raise ValueError(
+                "rollout_with_logits: kv_cache=static writes the cache in place, where autograd keeps each "
+                "step's keys; use kv_cache=preallocated (rollouts with gradients use transformers' "
+                "DynamicCache) or dynamic"
+            )
         if self.lm.checkpointing and self.training:
             raise ValueError(
                 "rollout_with_logits: the LM has gradient checkpointing on, which drops the KV cache in "
@@ -333,10 +339,12 @@ class ClipCaptioner(Captioner):
     ) -> DynamicCache | None:
         """The KV cache ``generate`` starts from, or None to let it make its own.
 
-        Without gradients (decoding, a REINFORCE rollout) it is a :func:`~clipcap.kv_cache.decoding_cache`
-        sized for the prefix and ``max_new_tokens``, written in place instead of grown by concatenation.
-        With gradients (``rollout_with_logits``) transformers' ``DynamicCache``: autograd keeps each step's
-        keys, which in-place writes would overwrite.
+        By default and without gradients (decoding, a REINFORCE rollout) it is a
+        :func:`~clipcap.kv_cache.decoding_cache` sized for the prefix and ``max_new_tokens``, written in
+        place instead of grown by concatenation. With gradients (``rollout_with_logits``) or
+        ``kv_cache: dynamic``, transformers' ``DynamicCache``: autograd keeps each step's keys, which
+        in-place writes would overwrite. With ``kv_cache: static``, none: ``generate`` builds its
+        ``StaticCache``, which cannot be repeated per beam.
 
         When an image decodes several sequences (beams, sampled captions), the cache holds the first P − 1
         prefix positions, computed once per image and repeated for each sequence: ``generate`` copies its
@@ -344,10 +352,12 @@ class ClipCaptioner(Captioner):
         LM num_beams times; given this cache it runs only the last prefix position per sequence. The
         captions are the same.
         """
+        if decoding.kv_cache == "static":
+            return None
         copies = decoding.num_beams if decoding.num_beams > 1 else decoding.num_return_sequences
         shared = copies > 1 and prefix.shape[1] > 1
         config = self.lm.base_model.config
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or decoding.kv_cache == "dynamic":
             if not shared:
                 return None
             cache = DynamicCache(config=config)

@@ -49,6 +49,13 @@ class DecodingConfig:
         early_stopping: ``transformers`` beam search only: True (the default) ends an image's search as
             soon as ``num_beams`` captions are finished; False or "never" let it look for better ones, as
             transformers' own default (False) does, with which EGG decoded DiscriTune at test time.
+        kv_cache: the KV cache decoding starts from: ``preallocated`` (clipcap's, written in place, the
+            prefix computed once per image: :mod:`clipcap.kv_cache`), ``dynamic`` (transformers'
+            ``DynamicCache``, grown by concatenation; the prefix still once per image) or ``static``
+            (transformers' ``StaticCache`` through ``cache_implementation="static"``, which ``generate``
+            compiles on a GPU; every beam or sample runs the prefix itself, and ClipCap's beam ranking and
+            rollouts with gradients cannot use it). Rollouts with gradients use ``dynamic`` whatever is set.
+            All three decode the same ids up to float rounding (docs/benchmarks.md, "KV cache").
     """
 
     num_beams: int = 1
@@ -65,8 +72,11 @@ class DecodingConfig:
     ignore_stops: bool = False
     beam_ranking: str | None = None
     early_stopping: bool | str = True
+    kv_cache: str = "preallocated"
 
     def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"DecodingConfig: kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
         if self.num_beams < 1 or self.num_return_sequences < 1 or self.max_new_tokens < 1:
             raise ValueError(
                 f"DecodingConfig: beams, return sequences and max_new_tokens must be ≥ 1: {self}"
@@ -130,10 +140,12 @@ class DecodingConfig:
             eos_token_id=stop_token_ids or None,
             pad_token_id=pad_token_id,
             use_cache=True,
+            cache_implementation="static" if self.kv_cache == "static" else None,
         )
 
 
 BEAM_RANKINGS = ("transformers", "clipcap")
+KV_CACHES = ("preallocated", "dynamic", "static")
 CAPTION_ENDS = ("eos", "period_token", "eos_or_period")
 
 
@@ -208,6 +220,11 @@ def clipcap_beam_search(
     """
     if decoding.do_sample or decoding.num_return_sequences != 1:
         raise ValueError("beam_ranking=clipcap is ClipCap's beam search: one caption per image, no sampling")
+    if decoding.kv_cache == "static":
+        raise ValueError(
+            "kv_cache=static is generate's StaticCache, and beam_ranking=clipcap runs its own loop: use "
+            "kv_cache=preallocated or dynamic"
+        )
 
     model = lm.model
     batch, beams = prefix.shape[0], decoding.num_beams
@@ -224,7 +241,11 @@ def clipcap_beam_search(
         return logits.softmax(-1).log(), returned_cache(output) or cache
 
     attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=device)
-    cache = decoding_cache(lm.base_model.config, capacity=prefix.shape[1] + decoding.max_new_tokens)
+    config = lm.base_model.config
+    if decoding.kv_cache == "dynamic":
+        cache = DynamicCache(config=config)
+    else:
+        cache = decoding_cache(config, capacity=prefix.shape[1] + decoding.max_new_tokens)
     first, cache = step(prefix, attention, cache)
     vocab = first.shape[-1]
     scores, next_ids = first.topk(beams, dim=-1)  # (B, K)

@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
 from transformers import DynamicCache, Gemma2Config, GPT2Config, LlamaConfig
 from transformers.cache_utils import DynamicLayer
 
-import clipcap.captioner
-import clipcap.generation
 from clipcap.captioner import ClipCaptioner
-from clipcap.generation import DecodingConfig
+from clipcap.generation import KV_CACHES, DecodingConfig
 from clipcap.kv_cache import PreallocatedLayer, decoding_cache
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper
@@ -119,12 +117,12 @@ DECODINGS = [
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_captions_equal_those_decoded_with_a_dynamic_cache(
-    arch: str, gpt2_folder: Path, llama_folder: Path
-) -> None:
+def test_every_kv_cache_decodes_the_same_captions(arch: str, gpt2_folder: Path, llama_folder: Path) -> None:
     """Greedy, beam search with both rankings, several beams returned, sampling and fixed-length decoding
-    give the same ids with the in-place cache as with ``DynamicCache``, on GPT-2 and LLaMA (grouped keys),
-    in eval mode and with dropout on (``keep_mode`` in training)."""
+    give the same ids with clipcap's in-place cache (the default), transformers' ``DynamicCache`` and its
+    ``StaticCache`` (not with ClipCap's ranking, which refuses it), on GPT-2 and LLaMA (grouped keys), in
+    eval mode and, but for the static cache (whose attention dropout draws over every allocated position),
+    with dropout on (``keep_mode`` in training)."""
     torch.manual_seed(0)
     folder = gpt2_folder if arch == "gpt2" else llama_folder
     captioner = ClipCaptioner(
@@ -133,28 +131,54 @@ def test_captions_equal_those_decoded_with_a_dynamic_cache(
         clip_dim=CLIP_DIM,
     )
     features = torch.randn(3, CLIP_DIM)
-    dynamic = lambda config, capacity: DynamicCache(config=config)  # noqa: E731
     for decoding in DECODINGS:
         for training in (False, True):
             captioner.train(training)
             decoded = {}
-            for way in ("preallocated", "dynamic"):
-                with (
-                    mock.patch.object(
-                        clipcap.captioner,
-                        "decoding_cache",
-                        decoding_cache if way == "preallocated" else dynamic,
-                    ),
-                    mock.patch.object(
-                        clipcap.generation,
-                        "decoding_cache",
-                        decoding_cache if way == "preallocated" else dynamic,
-                    ),
-                ):
-                    torch.manual_seed(1)
-                    decoded[way] = captioner.generate_ids(features, decoding, keep_mode=True)
-            assert decoded["preallocated"] == decoded["dynamic"], (decoding, training)
+            for cache in KV_CACHES:
+                if cache == "static" and decoding.beam_ranking == "clipcap":
+                    with pytest.raises(ValueError, match="kv_cache=static"):
+                        captioner.generate_ids(features, replace(decoding, kv_cache=cache))
+                    continue
+                if cache == "static" and training:
+                    continue  # its attention dropout draws masks over every allocated position
+                torch.manual_seed(1)
+                decoded[cache] = captioner.generate_ids(
+                    features, replace(decoding, kv_cache=cache), keep_mode=True
+                )
+            for cache, ids in decoded.items():
+                assert ids == decoded["preallocated"], (cache, decoding, training)
             assert any(len(ids) > 1 for ids in decoded["preallocated"])
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        DecodingConfig(kv_cache="paged")
+
+
+def test_the_default_cache_is_written_in_place_and_dynamic_is_transformers(gpt2_folder: Path) -> None:
+    """What ``generate`` starts from: the in-place cache by default, transformers' ``DynamicCache`` with
+    ``kv_cache: dynamic``, nothing with ``static`` (generate builds its own)."""
+    captioner = ClipCaptioner(
+        PrefixLM(str(gpt2_folder)), functools.partial(MLPMapper, prefix_length=4), clip_dim=CLIP_DIM
+    )
+    prefix = captioner.prefix(torch.randn(2, CLIP_DIM)).detach()
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long)
+    with torch.no_grad():
+        for beams in (1, 3):
+            default = captioner._starting_cache(prefix, mask, DecodingConfig(num_beams=beams))
+            assert all(isinstance(layer, PreallocatedLayer) for layer in default.layers)
+            dynamic = captioner._starting_cache(
+                prefix, mask, DecodingConfig(num_beams=beams, kv_cache="dynamic")
+            )
+            assert (
+                (dynamic is None)
+                if beams == 1
+                else all(type(layer) is DynamicLayer for layer in dynamic.layers)
+            )
+            assert (
+                captioner._starting_cache(prefix, mask, DecodingConfig(num_beams=beams, kv_cache="static"))
+                is None
+            )
+    with pytest.raises(ValueError, match="kv_cache=static"):
+        captioner.rollout_with_logits(torch.randn(2, CLIP_DIM), DecodingConfig(kv_cache="static"))
 
 
 def test_decoding_with_gradients_keeps_transformers_cache(gpt2_folder: Path) -> None:
