@@ -6,6 +6,7 @@ Shapes: B batch, T token positions, D the LM's embedding size, V its vocabulary.
 from __future__ import annotations
 
 import inspect
+import os
 from functools import cached_property
 
 import torch
@@ -355,5 +356,8 @@ def _quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
         )
-    # Quantized weights are placed on the device at load time (bitsandbytes quantizes on the GPU).
-    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+    # Quantized weights are placed on the device at load time (bitsandbytes quantizes on the GPU): under
+    # DDP the model is built before Lightning sets each process's device, so the process's own GPU is
+    # read from LOCAL_RANK (set by the launcher), not from the current device (cuda:0 then, for every rank).
+    device = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    return {"quantization_config": config, "device_map": {"": device}}

@@ -268,3 +268,21 @@ def test_the_rollout_with_logits_runs_through_the_adapters_with_gradients(lms) -
     logits.logsumexp(-1).sum().backward()
     adapters = [p for name, p in captioner.named_parameters() if "lora_" in name]
     assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+
+
+def test_a_quantized_base_loads_onto_the_process_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP the LM is built before Lightning sets each process's device: the quantized base goes to the
+    GPU the launcher's LOCAL_RANK names, not to the current device (cuda:0 for every rank then). No GPU or
+    bitsandbytes here: both are stood in for, and only the loading options are read."""
+    import sys
+    import types
+
+    from clipcap.lm import _quantization_kwargs
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _quantization_kwargs("4bit", torch.float16)["device_map"] == {"": 3}
+    monkeypatch.delenv("LOCAL_RANK")
+    assert _quantization_kwargs("8bit", torch.float16)["device_map"] == {"": 0}
