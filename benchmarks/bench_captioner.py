@@ -216,8 +216,11 @@ def bench_training(
     device: torch.device,
     dtype: str,
     plan: Plan,
+    batch_size: int = TRAIN_BATCH,
+    after: Callable[[Callable[[], None]], None] | None = None,
 ) -> float:
-    """Cross-entropy training samples/s: tokenize + forward + backward + AdamW step + zero grads."""
+    """Cross-entropy training samples/s at ``batch_size``: tokenize + forward + backward + AdamW step + zero
+    grads. ``after``, if given, is called with the step function once the timing is done (to profile it)."""
     torch.manual_seed(0)
     captioner = ClipCaptioner(
         PrefixLM(str(folder), trainable=trainable_lm),
@@ -230,12 +233,12 @@ def bench_training(
     parameters = [p for p in captioner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=True)  # as the configs
     batch = CaptionBatch(
-        image_ids=[str(i) for i in range(TRAIN_BATCH)],
-        clip_features=torch.randn(TRAIN_BATCH, CLIP_DIM, device=device),
-        captions=training_captions(captioner.tokenizer, TRAIN_BATCH),
+        image_ids=[str(i) for i in range(batch_size)],
+        clip_features=torch.randn(batch_size, CLIP_DIM, device=device),
+        captions=training_captions(captioner.tokenizer, batch_size),
     )
     tokens = captioner.encode_captions(batch.captions)
-    if tokens.input_ids.shape != (TRAIN_BATCH, CAPTION_TOKENS) or not bool(tokens.attention_mask.all()):
+    if tokens.input_ids.shape != (batch_size, CAPTION_TOKENS) or not bool(tokens.attention_mask.all()):
         raise RuntimeError(f"training captions are not all {CAPTION_TOKENS} tokens: {tokens.input_ids.shape}")
 
     def step() -> None:
@@ -246,7 +249,9 @@ def bench_training(
         optimizer.zero_grad(set_to_none=True)
 
     seconds = timed(step, plan.train_warmup, plan.train_steps, device)
-    return TRAIN_BATCH / statistics.median(seconds)
+    if after is not None:
+        after(step)
+    return batch_size / statistics.median(seconds)
 
 
 def training_settings() -> list[tuple[str, MapperFactory, bool]]:
@@ -277,8 +282,15 @@ class GenerationResult:
     """Images (of the naive ones) whose naive greedy ids equal the batched greedy ids."""
 
 
-def bench_generation(folder: Path, device: torch.device, dtype: str, plan: Plan) -> GenerationResult:
-    """Captions/s of batched KV-cached generation and of the naive decoders, 40 new tokens each."""
+def bench_generation(
+    folder: Path,
+    device: torch.device,
+    dtype: str,
+    plan: Plan,
+    after_beam: Callable[[Callable[[], object]], None] | None = None,
+) -> GenerationResult:
+    """Captions/s of batched KV-cached generation and of the naive decoders, 40 new tokens each.
+    ``after_beam``, if given, is called with the batched beam-5 call once it is timed (to profile it)."""
     torch.manual_seed(0)
     lm = PrefixLM(str(folder), trainable=False, dtype=dtype)
     captioner = ClipCaptioner(
@@ -319,6 +331,10 @@ def bench_generation(folder: Path, device: torch.device, dtype: str, plan: Plan)
 
     greedy_rate, greedy_ids = batched(1)
     beam_rate, _ = batched(BEAMS)
+    if after_beam is not None:
+        beam = DecodingConfig(num_beams=BEAMS, max_new_tokens=NEW_TOKENS, ignore_stops=True)
+        with torch.no_grad():
+            after_beam(lambda: captioner.generate_ids(features, beam))
     naive_greedy_rate, naive_greedy_ids = naive(
         lambda prefix, steps: naive_greedy(lm, prefix, steps, stop_ids=[]), "naive_greedy"
     )
@@ -451,6 +467,17 @@ def run_lines(command: str, machine: str, load_before: str) -> list[str]:
         f"- Machine: {machine}",
         f"- Load: 1-minute load average {load_before} at start, {load_average()} at end",
     ]
+
+
+def side_by_side_block(
+    title: str, script: str, argv: list[str] | None, load_before: str, setting: str, table: list[str]
+) -> str:
+    """The markdown block of a single-thread CPU before/after benchmark: its title, the run lines of
+    ``script`` (a module's ``__file__``) run with ``argv``, one line on the setting, and the table."""
+    machine = machine_description(torch.device("cpu"), "float32", 1)
+    return "\n".join(
+        [title, "", *run_lines(command_line(script, argv), machine, load_before), f"- {setting}", "", *table]
+    )
 
 
 def quiet_libraries() -> None:

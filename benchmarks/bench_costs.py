@@ -11,7 +11,10 @@ repeats after a warm-up), on the GPT-2-small shape with random weights:
    the LM at batch 32 × 30 positions;
 3. beam search's prefix: ``generate`` copying each image's prefix once per beam and running all copies
    through the LM, against ``ClipCaptioner``'s prefix KV cache computed once per image and repeated per
-   beam; beam 5, 32 images, exactly 40 new tokens (the two ways alternate, after an 8-token warm-up).
+   beam; beam 5, 32 images, exactly 40 new tokens (the two ways alternate, after an 8-token warm-up);
+4. the tied embedding's gradient (GPT-2's ``wte`` is its head's weight): the lookup's gradient as a dense
+   V × D tensor added to the head's, against ``PrefixLM.embed``'s sparse lookup gradient, whose rows
+   autograd adds into the head's dense gradient; one cross-entropy training step with the MLP mapper.
 
 Run:
     .venv/bin/python -m benchmarks.bench_costs [--repeats 3] [--threads 1] [--write docs/benchmarks.md]
@@ -39,13 +42,16 @@ from benchmarks.bench_captioner import (
     quiet_libraries,
     run_lines,
     save_random_gpt2,
+    training_captions,
     write_markdown,
 )
 from clipcap.captioner import ClipCaptioner
+from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.kv_cache import decoding_cache
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper
+from clipcap.objectives import CrossEntropy
 
 BATCH = 32
 PREFIX = 10
@@ -117,6 +123,44 @@ def shared_prefix(lm: PrefixLM, repeats: int) -> tuple[float, float]:
     return statistics.median(seconds[False]), statistics.median(seconds[True])
 
 
+def tied_embedding(lm: PrefixLM, repeats: int) -> tuple[float, float]:
+    """Median seconds of a cross-entropy training step (MLP mapper, the LM trained, batch 32 captions of 20
+    tokens: forward, backward, fused AdamW step) with the tied embedding's lookup gradient dense and
+    sparse; the two ways alternate after a warm-up step each."""
+    captioner = ClipCaptioner(
+        lm,
+        functools.partial(MLPMapper, prefix_length=PREFIX),
+        clip_dim=512,
+        max_caption_tokens=CAPTION_TOKENS,
+    ).train()
+    optimizer = torch.optim.AdamW([p for p in captioner.parameters() if p.requires_grad], lr=1e-7, fused=True)
+    batch = CaptionBatch(
+        image_ids=[str(i) for i in range(BATCH)],
+        clip_features=torch.randn(BATCH, 512),
+        captions=training_captions(captioner.tokenizer, BATCH),
+    )
+    sparse = lm._sparse_lookup_gradient
+
+    def step(sparse_lookup: bool) -> float:
+        lm._sparse_lookup_gradient = sparse_lookup
+        start = time.perf_counter()
+        CrossEntropy()(captioner, batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    try:
+        seconds: dict[bool, list[float]] = {False: [], True: []}
+        for way in (False, True):
+            step(way)
+        for repeat in range(repeats):
+            for way in (False, True) if repeat % 2 == 0 else (True, False):
+                seconds[way].append(step(way))
+    finally:
+        lm._sparse_lookup_gradient = sparse
+    return statistics.median(seconds[False]), statistics.median(seconds[True])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -143,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
             "prefix run once per image",
             shared_prefix,
         ),
+        (
+            "cross-entropy step, MLP mapper + trained LM, batch 32 × 20 tokens",
+            "tied embedding's lookup gradient dense",
+            "sparse (added into the head's)",
+            tied_embedding,
+        ),
     ]
     rows = ["| cost | before | after | before | after | saved |", "|---|---|---|---:|---:|---:|"]
     for what, old, new, measure in entries:
@@ -162,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                 load_before,
             ),
             f"- GPT-2-small shape, random weights, LM trained; median of {args.repeats} after a warm-up (the "
-            "beam-search entry: the two ways alternate after one shorter warm-up call)",
+            "beam-search and embedding entries: the two ways alternate after a warm-up)",
             "",
             *rows,
         ]

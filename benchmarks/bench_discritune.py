@@ -6,10 +6,15 @@ each step is the objective's own ``DiscriTune.forward``, then backward and the o
 around the calls the objective makes:
 
 1. rollout: batched greedy ``generate`` of exactly 20 tokens per caption (stops unreachable);
-2. CLIP scoring: decoding the ids, the receiver's text tower on the captions, the in-batch reward;
-3. log-prob pass: one teacher-forced forward of prefix + caption with gradient, log π, the loss;
-4. backward;
-5. optimizer: a fused Adam step and zeroing the gradients.
+2. receiver: the receiver CLIP's text tower on the captions (``encode_text``: tokenizing, the tower);
+3. texts + reward: the rest of the reward, decoding the ids to texts and the in-batch retrieval reward;
+4. teacher-forced pass: the captioner's forward over prefix + caption with gradient (the logits);
+5. log π + loss: log π of the captions from those logits, the advantage and the loss;
+6. backward;
+7. optimizer: a fused Adam step and zeroing the gradients.
+
+Parts 1, 2, 4 and 6 are the step's core, the work DiscriTune is made of; the others are its overhead
+(``overhead_share``).
 
 The mapper and the LM are both trained, as in the paper. Median over the timed steps after a warm-up.
 
@@ -53,7 +58,16 @@ from clipcap.mapper import MLPMapper
 from clipcap.objectives import DiscriTune
 
 CAPTION_TOKENS = 20
-PARTS = ("rollout", "CLIP scoring", "log-prob pass", "backward", "optimizer")
+PARTS = (
+    "rollout",
+    "receiver",
+    "texts + reward",
+    "teacher-forced pass",
+    "log π + loss",
+    "backward",
+    "optimizer",
+)
+CORE = ("rollout", "receiver", "teacher-forced pass", "backward")
 
 
 class Clock:
@@ -62,10 +76,24 @@ class Clock:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.marks: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
 
     def mark(self, name: str) -> None:
         synchronize(self.device)
         self.marks[name] = time.perf_counter()
+
+    def total(self, fn, name: str):
+        """``fn`` with its (device-synced) durations summed into ``self.totals[name]``."""
+
+        def wrapped(*args, **kwargs):
+            synchronize(self.device)
+            started = time.perf_counter()
+            result = fn(*args, **kwargs)
+            synchronize(self.device)
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - started
+            return result
+
+        return wrapped
 
     def around(self, fn, before: str | None = None, after: str | None = None):
         def wrapped(*args, **kwargs):
@@ -109,6 +137,7 @@ def timed_steps(
     times: dict[str, list[float]] = {}
     for step in range(steps + 1):
         batch = make_batch(step)
+        clock.totals.clear()
         clock.mark("start")
         loss = objective(captioner, batch).loss
         clock.mark("loss")
@@ -162,16 +191,28 @@ def bench_shape(
             image_ids=[str(i) for i in range(batch)], clip_features=torch.randn(batch, 512, device=device)
         )
 
+    receiver.encode_text = clock.total(receiver.encode_text, "receiver")
+    captioner.forward = clock.total(captioner.forward, "teacher-forced pass")
+
     def parts(m: dict[str, float]) -> dict[str, float]:
+        receiver_seconds = clock.totals.get("receiver", 0.0)
+        teacher_forced = clock.totals.get("teacher-forced pass", 0.0)
         return {
             "rollout": m["rollout"] - m["start"],
-            "CLIP scoring": m["scored"] - m["rollout"],
-            "log-prob pass": m["loss"] - m["scored"],
+            "receiver": receiver_seconds,
+            "texts + reward": m["scored"] - m["rollout"] - receiver_seconds,
+            "teacher-forced pass": teacher_forced,
+            "log π + loss": m["loss"] - m["scored"] - teacher_forced,
             "backward": m["backward"] - m["loss"],
             "optimizer": m["optimizer"] - m["backward"],
         }
 
     return timed_steps(objective, captioner, make_batch, steps, clock, parts)
+
+
+def overhead_share(parts: dict[str, float]) -> float:
+    """The share of a step (``parts["step"]``) spent outside its core parts (``CORE``)."""
+    return 1 - sum(parts[part] for part in CORE) / parts["step"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,13 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     load_before = load_average()
     lines = [
-        "| shape | " + " | ".join(PARTS) + " | step | rollout + backward share |",
+        "| shape | " + " | ".join(PARTS) + " | step | overhead share |",
         "|---|" + "---:|" * (len(PARTS) + 2),
     ]
     for shape in args.shapes.split(","):
         parts = bench_shape(shape, args.batch, args.steps, device)
         total = parts["step"]
-        share = (parts["rollout"] + parts["backward"]) / total
+        share = overhead_share(parts)
         lines.append(
             f"| {shape} | "
             + " | ".join(f"{figure(parts[p])} s" for p in PARTS)

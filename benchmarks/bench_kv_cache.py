@@ -42,13 +42,11 @@ from benchmarks.bench_captioner import (
     NEW_TOKENS,
     PREFIX_LENGTH,
     SHAPES,
-    command_line,
     figure,
     load_average,
-    machine_description,
     quiet_libraries,
-    run_lines,
     save_random_gpt2,
+    side_by_side_block,
     write_markdown,
 )
 from clipcap.captioner import ClipCaptioner
@@ -139,21 +137,17 @@ def main(argv: list[str] | None = None) -> None:
                 f"{dynamic[0] / now[0]:.2f}× | {static_cells[1]} | {static_cells[2]}, "
                 f"{'yes' if now[1] else 'no'} |"
             )
-    block = "\n".join(
-        [
-            "### KV cache for decoding: dynamic, static and preallocated",
-            "",
-            *run_lines(
-                command_line(__file__, argv),
-                machine_description(torch.device("cpu"), "float32", 1),
-                load_before,
-            ),
-            f"- `generate_ids` on {args.images} images, exactly {args.tokens} new tokens, prefix "
+    block = side_by_side_block(
+        "### KV cache for decoding: dynamic, static and preallocated",
+        __file__,
+        argv,
+        load_before,
+        (
+            f"`generate_ids` on {args.images} images, exactly {args.tokens} new tokens, prefix "
             f"{PREFIX_LENGTH}, random weights; the static arm runs the prefix once per beam or sample (its "
-            f"cache cannot be repeated); median of {args.rounds} alternating rounds after a warm-up call",
-            "",
-            *lines,
-        ]
+            f"cache cannot be repeated); median of {args.rounds} alternating rounds after a warm-up call"
+        ),
+        lines,
     )
     print(block)
     if args.write:

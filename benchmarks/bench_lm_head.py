@@ -25,13 +25,11 @@ import torch
 
 from benchmarks.bench_captioner import (
     SHAPES,
-    command_line,
     figure,
     load_average,
-    machine_description,
     quiet_libraries,
-    run_lines,
     save_random_gpt2,
+    side_by_side_block,
     write_markdown,
 )
 from clipcap.lm import PrefixLM
@@ -94,21 +92,17 @@ def main(argv: list[str] | None = None) -> None:
             f"{result['count'] / result['positions']:.2f}× | {result['difference']:.1e} |"
         )
         print(lines[-1], flush=True)
-    block = "\n".join(
-        [
-            "### LM head on the caption positions: sliced by a count against gathered by positions",
-            "",
-            *run_lines(
-                command_line(__file__, argv),
-                machine_description(torch.device("cpu"), "float32", 1),
-                load_before,
-            ),
-            f"- Frozen LM, batch {BATCH}, {PREFIX} prefix + {CAPTION} caption positions, logits kept for"
+    block = side_by_side_block(
+        "### LM head on the caption positions: sliced by a count against gathered by positions",
+        __file__,
+        argv,
+        load_before,
+        (
+            f"Frozen LM, batch {BATCH}, {PREFIX} prefix + {CAPTION} caption positions, logits kept for"
             f" {CAPTION + 1}; forward and backward to the input embeddings; median of {args.rounds} alternating"
-            " rounds after a warm-up",
-            "",
-            *lines,
-        ]
+            " rounds after a warm-up"
+        ),
+        lines,
     )
     print(block)
     if args.write:

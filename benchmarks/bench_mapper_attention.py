@@ -31,11 +31,9 @@ from benchmarks.bench_captioner import (
     SHAPES,
     TRAIN_BATCH,
     TRANSFORMER_MAPPER_LAYERS,
-    command_line,
     figure,
     load_average,
-    machine_description,
-    run_lines,
+    side_by_side_block,
     write_markdown,
 )
 from clipcap.mapper import TransformerMapper
@@ -105,21 +103,17 @@ def main(argv: list[str] | None = None) -> None:
             f"{figure(r['eval after'])} s | {r['difference']:.1e} |"
         )
         print(lines[-1], flush=True)
-    block = "\n".join(
-        [
-            "### Transformer mapper attention: nn.TransformerEncoderLayer against the fused path",
-            "",
-            *run_lines(
-                command_line(__file__, argv),
-                machine_description(torch.device("cpu"), "float32", 1),
-                load_before,
-            ),
-            f"- {TRANSFORMER_MAPPER_LAYERS} layers, 8 heads, MLP ratio 2, 10 + {PREFIX_LENGTH} positions, batch "
+    block = side_by_side_block(
+        "### Transformer mapper attention: nn.TransformerEncoderLayer against the fused path",
+        __file__,
+        argv,
+        load_before,
+        (
+            f"{TRANSFORMER_MAPPER_LAYERS} layers, 8 heads, MLP ratio 2, 10 + {PREFIX_LENGTH} positions, batch "
             f"{TRAIN_BATCH}, pooled features of {CLIP_DIM}; train = forward + backward in training mode, eval = "
-            f"forward without gradients; median of {args.rounds} alternating rounds after a warm-up",
-            "",
-            *lines,
-        ]
+            f"forward without gradients; median of {args.rounds} alternating rounds after a warm-up"
+        ),
+        lines,
     )
     print(block)
     if args.write:
