@@ -100,4 +100,18 @@ bench: $(STAMP) ## the benchmark suite, both GPT-2 shapes (~30 min on a 2-core C
 bench-eval: $(STAMP) ## time the evaluation of 5,000 images (needs the demo's checkpoint: run `make demo` first)
 	$(PYTHON) -m benchmarks.bench_evaluation
 
-.PHONY: help install lock test-latest test-oldest demo test test-full lint bench bench-eval
+# The GPU check runs where clipcap is not installed and there is no .venv: from the repository root, with the
+# GPU machine's own Python (`make gpu-check PYTHON=python3`), offline, after installing the wheels that
+# `make gpu-wheels` fetched here (copy .gpu-wheels/ along; it is git-ignored). docs/gpu.md has the steps.
+GPU_WHEELS := .gpu-wheels
+GPU_SITE := .gpu-site
+GPU_CHECK_ARGS ?=
+
+gpu-wheels: $(STAMP) ## fetch into .gpu-wheels/ the dependencies GPU machines lack, as wheels (< 64 MiB, never pycocoevalcap)
+	$(PYTHON) -m benchmarks.gpu_wheels download --dest $(GPU_WHEELS)
+
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(STAMP)) ## one GPU run (< 8 min, one H100) into $OUT/gpu-check.md; a CPU dry run without CUDA; on a GPU: make gpu-check PYTHON=python3
+	$(PYTHON) -m benchmarks.gpu_wheels install --wheels $(GPU_WHEELS) --target $(GPU_SITE)
+	PYTHONPATH=.:$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+.PHONY: help install lock test-latest test-oldest demo test test-full lint bench bench-eval gpu-wheels gpu-check

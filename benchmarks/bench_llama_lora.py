@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -100,8 +101,12 @@ ROLLOUT_TOKENS = 20
 LORA = LoraSettings(rank=8, alpha=16.0, dropout=0.05)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("none", "8bit", "4bit")
+PRECISIONS = ("true", "16-mixed")
 OBJECTIVES = ("ce", "discritune")
 OBJECTIVE_NAMES = {"ce": "cross-entropy", "discritune": "DiscriTune"}
+V100_CONFIG = Path(__file__).resolve().parents[1] / "lightning_configs" / "coco" / "llama2_lora_ce.yaml"
+"""The LLaMA-2-7B LoRA cross-entropy config sized for one 16 GB V100, whose settings
+:func:`config_step` trains with."""
 
 
 @dataclass(frozen=True)
@@ -284,9 +289,20 @@ class Bench:
         )
 
     def step_function(
-        self, captioner: ClipCaptioner, objective_name: str
+        self, captioner: ClipCaptioner, objective_name: str, precision: str = "true"
     ) -> tuple[Callable[[int], None], Callable]:
-        """A full training step at a given batch size, and what to call after an out-of-memory error."""
+        """A full training step at a given batch size, and what to call after an out-of-memory error.
+
+        ``precision`` as Lightning's ``trainer.precision`` runs the step: ``true`` (the weights' own dtypes,
+        no autocast), or ``16-mixed`` (float16 autocast around the objective's forward and a ``GradScaler``,
+        as the V100 configs train; on a CPU too, where Lightning would run bf16 instead, which cannot mix
+        with a float16 base).
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        mixed = precision == "16-mixed"
+        autocast = torch.autocast(self.device.type, dtype=torch.float16, enabled=mixed)
+        scaler = torch.amp.GradScaler(self.device.type) if mixed else None
         objective: Objective
         if objective_name == "ce":
             objective = CrossEntropy()
@@ -311,13 +327,19 @@ class Bench:
                 clip_features=features[:batch],
                 captions=self.captions[:batch],
             )
-            output = objective(captioner, data)
+            with autocast:
+                output = objective(captioner, data)
             # The step must be the full one: every rollout runs all its tokens, no update is skipped.
             rollout = output.terms.get("caption_tokens")
             if output.skip or (rollout is not None and float(rollout) != ROLLOUT_TOKENS):
                 raise RuntimeError(f"{objective_name} step is not the full one: {output}")
-            output.loss.backward()
-            optimizer.step()
+            if scaler is None:
+                output.loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(output.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
         def after_out_of_memory() -> None:
@@ -438,6 +460,84 @@ def measured_tables(
         if not args.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     return lines, notes
+
+
+@dataclass(frozen=True)
+class ConfigStep:
+    """One measured training step in a config's settings.
+
+    Attributes:
+        settings: the settings, in words.
+        batch: the batch size.
+        trial: the measurement (``peak`` None on a CPU; ``fits`` False when it ran out of memory).
+        estimate: ``estimate_lora_memory``'s peak for the same setting, bytes.
+        unit: how to show memory (``GiB`` for 7B, ``MiB`` for the tiny shape).
+    """
+
+    settings: str
+    batch: int
+    trial: Trial
+    estimate: int
+    unit: str
+
+
+def config_settings(path: Path = V100_CONFIG) -> dict:
+    """What a LoRA config's LM, mapper, trainer and data sections set, read from its YAML: ``dtype``,
+    ``gradient_checkpointing``, ``mapper_hidden``, ``precision``, ``batch_size``. Its LoRA settings must be
+    :data:`LORA`'s (the bench builds the adapters with those), else ValueError."""
+    config = yaml.safe_load(path.read_text())
+    captioner = config["model"]["captioner"]["init_args"]
+    lm = captioner["language_model"]["init_args"]
+    lora = lm.get("lora") or {}
+    if (lora.get("rank"), float(lora.get("alpha", 0)), lora.get("dropout")) != (
+        LORA.rank,
+        LORA.alpha,
+        LORA.dropout,
+    ):
+        raise ValueError(f"{path}: LoRA {lora} is not the bench's {LORA}; update bench_llama_lora.LORA")
+    return {
+        "dtype": lm.get("dtype", "float32"),
+        "gradient_checkpointing": bool(lm.get("gradient_checkpointing", False)),
+        "mapper_hidden": captioner["mapper"]["init_args"].get("hidden_dim"),
+        "precision": str(config["trainer"]["precision"]),
+        "batch_size": int(config["data"]["init_args"]["batch_size"]),
+    }
+
+
+def config_step(shape_key: str, device: torch.device, steps: int = 3, path: Path = V100_CONFIG) -> ConfigStep:
+    """A cross-entropy LoRA step of the ``shape_key`` LLaMA (``7b`` or ``tiny``, random weights) in the
+    settings of the config at ``path`` (by default the V100 one: float16 base, gradient checkpointing,
+    16-mixed, LoRA r 8 on q_proj and v_proj, a 1024-wide MLP mapper, batch 8; one micro-batch, its gradient
+    accumulation aside), timed and, on CUDA, its peak memory measured after one warm-up step."""
+    settings = config_settings(path)
+    if settings["dtype"] not in DTYPES or settings["precision"] not in (*PRECISIONS, "32-true"):
+        raise ValueError(f"{path}: dtype {settings['dtype']} / precision {settings['precision']} not benched")
+    shape = SHAPES[shape_key]
+    batch = settings["batch_size"]
+    mapper = str(settings["mapper_hidden"]) if settings["mapper_hidden"] else "clipcap"
+    precision = "16-mixed" if settings["precision"] == "16-mixed" else "true"
+    with tempfile.TemporaryDirectory(prefix="clipcap-llama-") as scratch:
+        bench = Bench(shape, device, steps, max_batch=batch, scratch=Path(scratch))
+        lm = bench.language_model(settings["dtype"], settings["gradient_checkpointing"], "none")
+        torch.manual_seed(0)
+        factory = functools.partial(
+            MLPMapper, prefix_length=PREFIX_LENGTH, hidden_dim=mapper_hidden(mapper, shape)
+        )
+        with torch.device(device):
+            captioner = ClipCaptioner(lm, factory, clip_dim=shape.clip_dim)
+        step, recover = bench.step_function(captioner, "ce", precision)
+        trial = bench.trial(step, recover, batch, steps)
+        del captioner, lm, step, recover
+        release(device)
+    setting = Setting(settings["dtype"], settings["gradient_checkpointing"], "none", mapper, "ce")
+    words = (
+        f"{shape.name}, random weights; {settings['dtype']} base, gradient checkpointing "
+        f"{'on' if settings['gradient_checkpointing'] else 'off'}, trainer.precision {settings['precision']} "
+        f"(float16 autocast and a GradScaler); LoRA r {LORA.rank}, alpha {LORA.alpha:g}, dropout {LORA.dropout} on q_proj, v_proj; MLP mapper hidden "
+        f"{mapper_hidden(mapper, shape) or PREFIX_LENGTH * shape.lm.hidden_size // 2}, prefix {PREFIX_LENGTH}; "
+        f"captions of {CAPTION_TOKENS} tokens; fused AdamW; batch {batch} (as {path.name})"
+    )
+    return ConfigStep(words, batch, trial, estimate(shape, setting, batch, 0).peak_allocated, shape.unit)
 
 
 def estimate_tables(args: argparse.Namespace, shape: Shape, receiver_parameters: int) -> list[str]:
