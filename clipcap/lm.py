@@ -10,7 +10,6 @@ import os
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -139,11 +138,6 @@ class PrefixLM(nn.Module):
             self.model.requires_grad_(False)
         if lora is not None:
             self.model = apply_lora(self.model, lora, pretrained)
-        self._sparse_lookup_gradient = trainable and _tied_plain_embeddings(self.model)
-        if self._sparse_lookup_gradient:
-            # Should a backward ever reach the weight through the lookup alone, its gradient would stay
-            # sparse, which fused AdamW refuses: make it dense then (never the case through the head).
-            self.model.get_input_embeddings().weight.register_post_accumulate_grad_hook(_densify_gradient)
         # from_pretrained returns a model in eval mode, and Lightning keeps each submodule's mode: a trained
         # LM must start in training mode (dropout on, as when finetuning), and then follows its parent.
         self.model.train(self.trains)
@@ -210,20 +204,8 @@ class PrefixLM(nn.Module):
         return self.model.get_input_embeddings().weight.dtype
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) → input embeddings (B, T, D).
-
-        When the LM trains and its input embeddings are its head's weight (GPT-2's tied ``wte``), the
-        lookup's gradient is built sparse: only the rows of the ids looked up. A dense one is a zero-filled
-        V × D tensor with those rows added, then added to the head's dense V × D gradient: at GPT-2-small
-        size, 0.72 s of a 6.3 s cross-entropy step at batch 32 on one CPU thread. Autograd adds the sparse
-        rows into the head's dense gradient, so the weight's gradient stays dense (what fused AdamW and
-        gradient clipping take) and equals the dense computation's to float rounding (docs/benchmarks.md,
-        "Tied embeddings"). The module itself is untouched (DDP reads ``nn.Embedding.sparse``).
-        """
-        embeddings = self.model.get_input_embeddings()
-        if self._sparse_lookup_gradient and torch.is_grad_enabled() and embeddings.weight.requires_grad:
-            return F.embedding(input_ids, embeddings.weight, embeddings.padding_idx, sparse=True)
-        return embeddings(input_ids)
+        """Token ids (B, T) → input embeddings (B, T, D)."""
+        return self.model.get_input_embeddings()(input_ids)
 
     def forward(
         self,
@@ -299,24 +281,6 @@ def fuse_tanh_gelu(model: nn.Module) -> int:
                 setattr(module, name, GELUTanh())
                 replaced += 1
     return replaced
-
-
-def _tied_plain_embeddings(model: nn.Module) -> bool:
-    """Whether the model's input embeddings are a plain ``nn.Embedding`` (no max-norm renormalisation, no
-    frequency scaling, no subclass that scales its output) whose weight is the LM head's."""
-    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    return (
-        type(embeddings) is nn.Embedding
-        and embeddings.max_norm is None
-        and not embeddings.scale_grad_by_freq
-        and head is not None
-        and head.weight is embeddings.weight
-    )
-
-
-def _densify_gradient(parameter: torch.Tensor) -> None:
-    if parameter.grad is not None and parameter.grad.is_sparse:
-        parameter.grad = parameter.grad.to_dense()
 
 
 def _check_options(trainable: bool, lora: LoraSettings | None, quantization: str | None) -> None:

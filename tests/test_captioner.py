@@ -432,39 +432,3 @@ def test_teacher_forcing_leaves_out_the_last_caption_token_without_changing_a_lo
     assert teacher.logits.shape == full.shape and teacher.logits.is_contiguous()
     torch.testing.assert_close(teacher.logits, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gradient, captioner.mapper.net[0].weight.grad, atol=1e-5, rtol=1e-4)
-
-
-def test_a_trained_tied_embedding_gets_its_lookup_gradient_sparse_and_its_weight_gradient_dense(
-    gpt2_folder: Path, llama_folder: Path
-) -> None:
-    """GPT-2's input embedding is its head's weight: when it trains, the lookup's gradient is built from the
-    rows looked up only, and autograd adds them to the head's dense gradient. The weight's gradient is
-    dense and equals the all-dense computation's, and a fused AdamW step takes it. A backward through the
-    lookup alone still leaves a dense gradient. Frozen LMs and untied embeddings (the tiny LLaMA) look up
-    as before."""
-    sparse = make_captioner(gpt2_folder, trainable=True).eval()
-    dense = make_captioner(gpt2_folder, trainable=True).eval()
-    dense.lm._sparse_lookup_gradient = False
-    assert sparse.lm._sparse_lookup_gradient
-    weights = {}
-    features = torch.randn(3, CLIP_DIM)
-    captions = ["a red circle on the left.", "a star", "two small squares, grey"]
-    for name, captioner in (("sparse", sparse), ("dense", dense)):
-        CrossEntropy()(captioner, CaptionBatch(["0", "1", "2"], features, captions=captions)).loss.backward()
-        weights[name] = captioner.lm.model.get_input_embeddings().weight
-    assert weights["sparse"].grad.layout == torch.strided
-    torch.testing.assert_close(weights["sparse"].grad, weights["dense"].grad, atol=1e-7, rtol=1e-5)
-    optimizer = torch.optim.AdamW(sparse.parameters(), lr=1e-3, fused=True)
-    before = weights["sparse"].detach().clone()
-    optimizer.step()
-    assert not torch.equal(before, weights["sparse"])
-
-    sparse.zero_grad()
-    sparse.lm.embed(torch.tensor([[3, 5, 3]])).sum().backward()  # the lookup alone: densified
-    gradient = weights["sparse"].grad
-    assert gradient.layout == torch.strided and gradient[3].sum() == 2 * gradient.shape[1]
-
-    assert not make_captioner(gpt2_folder, trainable=False).lm._sparse_lookup_gradient
-    llama = make_captioner(llama_folder, trainable=True).lm
-    tied = llama.model.get_output_embeddings().weight is llama.model.get_input_embeddings().weight
-    assert llama._sparse_lookup_gradient == tied
