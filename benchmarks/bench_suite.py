@@ -633,7 +633,11 @@ def unmet_profiles(results: dict[str, ShapeResults], batches: tuple[int, ...]) -
         f"Profiles of the targets not met ({shape_and_workload}):\n\n" + "\n".join(lines)
         for shape_and_workload, lines in sections
     ]
-    return "\n\n".join(blocks)
+    why = (
+        "What these profiles leave besides the matrix products, and why it is not removable on a CPU: "
+        'docs/benchmarks.md, "Against the targets".'
+    )
+    return "\n\n".join([*blocks, why])
 
 
 def notes(

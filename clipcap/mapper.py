@@ -90,8 +90,8 @@ class FusedAttentionEncoderLayer(nn.TransformerEncoderLayer):
 
     ``nn.MultiheadAttention``'s training path splits, copies and transposes Q, K and V through
     ``F.multi_head_attention_forward`` before the same attention kernel: at ClipCap's 8 layers, batch 32,
-    20 tokens, the mapper's forward + backward is 1.04× (width 768) to 1.10× (width 256) faster this way
-    (docs/benchmarks.md, "Transformer mapper"). Without gradients, in eval mode, torch's own fused encoder
+    20 tokens, the mapper's forward + backward is 1.04× (width 768) to 1.16× (width 256) faster this way
+    (docs/benchmarks.md, "Transformer mapper attention"). Without gradients, in eval mode, torch's own fused encoder
     kernel is faster still, and runs unchanged. The parameters and their state-dict keys are the parent's,
     so checkpoints load either way; outputs equal the parent's.
     """
