@@ -12,9 +12,9 @@ repeats after a warm-up), on the GPT-2-small shape with random weights:
 3. beam search's prefix: ``generate`` copying each image's prefix once per beam and running all copies
    through the LM, against ``ClipCaptioner``'s prefix KV cache computed once per image and repeated per
    beam; beam 5, 32 images, exactly 40 new tokens (the two ways alternate, after an 8-token warm-up);
-4. the tied embedding's gradient (GPT-2's ``wte`` is its head's weight): the lookup's gradient as a dense
-   V × D tensor added to the head's, against ``PrefixLM.embed``'s sparse lookup gradient, whose rows
-   autograd adds into the head's dense gradient; one cross-entropy training step with the MLP mapper.
+4. the teacher-forced pass: every caption token fed and the T + 1 kept logits cut to T (a non-contiguous
+   view the loss's reshape copies), against ``ClipCaptioner.forward``, which leaves out the last caption
+   token (it predicts nothing) and keeps exactly T; forward, loss and backward, dropout off.
 
 Run:
     .venv/bin/python -m benchmarks.bench_costs [--repeats 3] [--threads 1] [--write docs/benchmarks.md]
@@ -46,12 +46,11 @@ from benchmarks.bench_captioner import (
     write_markdown,
 )
 from clipcap.captioner import ClipCaptioner
-from clipcap.data.batch import CaptionBatch
 from clipcap.generation import DecodingConfig
 from clipcap.kv_cache import decoding_cache
 from clipcap.lm import PrefixLM
 from clipcap.mapper import MLPMapper
-from clipcap.objectives import CrossEntropy
+from clipcap.objectives.cross_entropy import token_cross_entropy
 
 BATCH = 32
 PREFIX = 10
@@ -123,41 +122,42 @@ def shared_prefix(lm: PrefixLM, repeats: int) -> tuple[float, float]:
     return statistics.median(seconds[False]), statistics.median(seconds[True])
 
 
-def tied_embedding(lm: PrefixLM, repeats: int) -> tuple[float, float]:
-    """Median seconds of a cross-entropy training step (MLP mapper, the LM trained, batch 32 captions of 20
-    tokens: forward, backward, fused AdamW step) with the tied embedding's lookup gradient dense and
-    sparse; the two ways alternate after a warm-up step each."""
+def last_caption_token(lm: PrefixLM, repeats: int) -> tuple[float, float]:
+    """Median seconds of a teacher-forced cross-entropy forward + backward (MLP mapper, batch 32 captions of
+    20 tokens) feeding every caption token and cutting the T + 1 kept logits to T (before), against
+    ``ClipCaptioner.forward``, which leaves out the last token and keeps T (after); alternating, after a
+    warm-up each. Dropout off, so that both compute the same logits (checked)."""
     captioner = ClipCaptioner(
         lm,
         functools.partial(MLPMapper, prefix_length=PREFIX),
         clip_dim=512,
         max_caption_tokens=CAPTION_TOKENS,
-    ).train()
-    optimizer = torch.optim.AdamW([p for p in captioner.parameters() if p.requires_grad], lr=1e-7, fused=True)
-    batch = CaptionBatch(
-        image_ids=[str(i) for i in range(BATCH)],
-        clip_features=torch.randn(BATCH, 512),
-        captions=training_captions(captioner.tokenizer, BATCH),
-    )
-    sparse = lm._sparse_lookup_gradient
+    ).eval()
+    features = torch.randn(BATCH, 512)
+    tokens = captioner.encode_captions(training_captions(captioner.tokenizer, BATCH))
 
-    def step(sparse_lookup: bool) -> float:
-        lm._sparse_lookup_gradient = sparse_lookup
+    def every_token() -> torch.Tensor:
+        prefix = captioner.prefix(features)
+        embeds = torch.cat([prefix, lm.embed(tokens.input_ids)], dim=1)
+        mask = torch.cat([tokens.attention_mask.new_ones(prefix.shape[:2]), tokens.attention_mask], dim=1)
+        return lm(embeds, mask, logits_to_keep=tokens.input_ids.shape[1] + 1)[:, :-1]
+
+    ways = {False: every_token, True: lambda: captioner(features, tokens).logits}
+    torch.testing.assert_close(ways[False](), ways[True](), atol=1e-4, rtol=1e-4)
+
+    def step(without_last: bool) -> float:
         start = time.perf_counter()
-        CrossEntropy()(captioner, batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, _ = token_cross_entropy(ways[without_last](), tokens.labels)
+        loss.backward()
+        captioner.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    try:
-        seconds: dict[bool, list[float]] = {False: [], True: []}
-        for way in (False, True):
-            step(way)
-        for repeat in range(repeats):
-            for way in (False, True) if repeat % 2 == 0 else (True, False):
-                seconds[way].append(step(way))
-    finally:
-        lm._sparse_lookup_gradient = sparse
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    for way in (False, True):
+        step(way)
+    for repeat in range(repeats):
+        for way in (False, True) if repeat % 2 == 0 else (True, False):
+            seconds[way].append(step(way))
     return statistics.median(seconds[False]), statistics.median(seconds[True])
 
 
@@ -188,10 +188,10 @@ def main(argv: list[str] | None = None) -> None:
             shared_prefix,
         ),
         (
-            "cross-entropy step, MLP mapper + trained LM, batch 32 × 20 tokens",
-            "tied embedding's lookup gradient dense",
-            "sparse (added into the head's)",
-            tied_embedding,
+            "teacher-forced forward + backward + loss, batch 32 × 20 tokens",
+            "every caption token fed, T + 1 logits cut to T",
+            "last token not fed, T logits",
+            last_caption_token,
         ),
     ]
     rows = ["| cost | before | after | before | after | saved |", "|---|---|---|---:|---:|---:|"]
