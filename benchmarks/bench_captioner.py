@@ -217,10 +217,11 @@ def bench_training(
     dtype: str,
     plan: Plan,
     batch_size: int = TRAIN_BATCH,
-    after: Callable[[Callable[[], None]], None] | None = None,
+    after: Callable[[Callable[[], None], float], None] | None = None,
 ) -> float:
     """Cross-entropy training samples/s at ``batch_size``: tokenize + forward + backward + AdamW step + zero
-    grads. ``after``, if given, is called with the step function once the timing is done (to profile it)."""
+    grads. ``after``, if given, is called with the step function and the samples/s once the timing is done
+    (to profile the step)."""
     torch.manual_seed(0)
     captioner = ClipCaptioner(
         PrefixLM(str(folder), trainable=trainable_lm),
@@ -248,10 +249,10 @@ def bench_training(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed(step, plan.train_warmup, plan.train_steps, device)
+    rate = batch_size / statistics.median(timed(step, plan.train_warmup, plan.train_steps, device))
     if after is not None:
-        after(step)
-    return batch_size / statistics.median(seconds)
+        after(step, rate)
+    return rate
 
 
 def training_settings() -> list[tuple[str, MapperFactory, bool]]:
@@ -287,10 +288,11 @@ def bench_generation(
     device: torch.device,
     dtype: str,
     plan: Plan,
-    after_beam: Callable[[Callable[[], object]], None] | None = None,
+    after_beam: Callable[[Callable[[], object], float], None] | None = None,
 ) -> GenerationResult:
     """Captions/s of batched KV-cached generation and of the naive decoders, 40 new tokens each.
-    ``after_beam``, if given, is called with the batched beam-5 call once it is timed (to profile it)."""
+    ``after_beam``, if given, is called with the batched beam-5 call and its speed-up over the naive beam
+    search once both are timed (to profile the call)."""
     torch.manual_seed(0)
     lm = PrefixLM(str(folder), trainable=False, dtype=dtype)
     captioner = ClipCaptioner(
@@ -331,16 +333,16 @@ def bench_generation(
 
     greedy_rate, greedy_ids = batched(1)
     beam_rate, _ = batched(BEAMS)
-    if after_beam is not None:
-        beam = DecodingConfig(num_beams=BEAMS, max_new_tokens=NEW_TOKENS, ignore_stops=True)
-        with torch.no_grad():
-            after_beam(lambda: captioner.generate_ids(features, beam))
     naive_greedy_rate, naive_greedy_ids = naive(
         lambda prefix, steps: naive_greedy(lm, prefix, steps, stop_ids=[]), "naive_greedy"
     )
     naive_beam_rate, _ = naive(
         lambda prefix, steps: naive_beam_search(lm, prefix, BEAMS, steps, stop_ids=[]), "naive_beam_search"
     )
+    if after_beam is not None:
+        beam = DecodingConfig(num_beams=BEAMS, max_new_tokens=NEW_TOKENS, ignore_stops=True)
+        with torch.no_grad():
+            after_beam(lambda: captioner.generate_ids(features, beam), beam_rate / naive_beam_rate)
     agreement = sum(a == b for a, b in zip(naive_greedy_ids, greedy_ids, strict=False))
     return GenerationResult(greedy_rate, beam_rate, naive_greedy_rate, naive_beam_rate, agreement)
 
@@ -469,15 +471,26 @@ def run_lines(command: str, machine: str, load_before: str) -> list[str]:
     ]
 
 
-def side_by_side_block(
-    title: str, script: str, argv: list[str] | None, load_before: str, setting: str, table: list[str]
-) -> str:
-    """The markdown block of a single-thread CPU before/after benchmark: its title, the run lines of
-    ``script`` (a module's ``__file__``) run with ``argv``, one line on the setting, and the table."""
+def publish_side_by_side(
+    title: str,
+    script: str,
+    argv: list[str] | None,
+    load_before: str,
+    setting: str,
+    table: list[str],
+    write: Path | None,
+    key: str,
+) -> None:
+    """Prints the markdown block of a single-thread CPU before/after benchmark (its title, the run lines of
+    ``script``, a module's ``__file__``, run with ``argv``, one line on the setting, and the table) and, if
+    ``write`` is given, puts it in that file under the ``key`` markers."""
     machine = machine_description(torch.device("cpu"), "float32", 1)
-    return "\n".join(
+    block = "\n".join(
         [title, "", *run_lines(command_line(script, argv), machine, load_before), f"- {setting}", "", *table]
     )
+    print(block)
+    if write:
+        write_markdown(write, key, block)
 
 
 def quiet_libraries() -> None:

@@ -44,10 +44,9 @@ from benchmarks.bench_captioner import (
     SHAPES,
     figure,
     load_average,
+    publish_side_by_side,
     quiet_libraries,
     save_random_gpt2,
-    side_by_side_block,
-    write_markdown,
 )
 from clipcap.captioner import ClipCaptioner
 from clipcap.generation import DecodingConfig
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{dynamic[0] / now[0]:.2f}× | {static_cells[1]} | {static_cells[2]}, "
                 f"{'yes' if now[1] else 'no'} |"
             )
-    block = side_by_side_block(
+    publish_side_by_side(
         "### KV cache for decoding: dynamic, static and preallocated",
         __file__,
         argv,
@@ -148,10 +147,9 @@ def main(argv: list[str] | None = None) -> None:
             f"cache cannot be repeated); median of {args.rounds} alternating rounds after a warm-up call"
         ),
         lines,
+        args.write,
+        "kv-cache-cpu",
     )
-    print(block)
-    if args.write:
-        write_markdown(args.write, "kv-cache-cpu", block)
 
 
 if __name__ == "__main__":

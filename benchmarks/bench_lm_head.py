@@ -27,10 +27,9 @@ from benchmarks.bench_captioner import (
     SHAPES,
     figure,
     load_average,
+    publish_side_by_side,
     quiet_libraries,
     save_random_gpt2,
-    side_by_side_block,
-    write_markdown,
 )
 from clipcap.lm import PrefixLM
 
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{result['count'] / result['positions']:.2f}× | {result['difference']:.1e} |"
         )
         print(lines[-1], flush=True)
-    block = side_by_side_block(
+    publish_side_by_side(
         "### LM head on the caption positions: sliced by a count against gathered by positions",
         __file__,
         argv,
@@ -103,10 +102,9 @@ def main(argv: list[str] | None = None) -> None:
             " rounds after a warm-up"
         ),
         lines,
+        args.write,
+        "lm-head-cpu",
     )
-    print(block)
-    if args.write:
-        write_markdown(args.write, "lm-head-cpu", block)
 
 
 if __name__ == "__main__":

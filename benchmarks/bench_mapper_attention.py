@@ -33,8 +33,7 @@ from benchmarks.bench_captioner import (
     TRANSFORMER_MAPPER_LAYERS,
     figure,
     load_average,
-    side_by_side_block,
-    write_markdown,
+    publish_side_by_side,
 )
 from clipcap.mapper import TransformerMapper
 
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{figure(r['eval after'])} s | {r['difference']:.1e} |"
         )
         print(lines[-1], flush=True)
-    block = side_by_side_block(
+    publish_side_by_side(
         "### Transformer mapper attention: nn.TransformerEncoderLayer against the fused path",
         __file__,
         argv,
@@ -114,10 +113,9 @@ def main(argv: list[str] | None = None) -> None:
             f"forward without gradients; median of {args.rounds} alternating rounds after a warm-up"
         ),
         lines,
+        args.write,
+        "mapper-attention-cpu",
     )
-    print(block)
-    if args.write:
-        write_markdown(args.write, "mapper-attention-cpu", block)
 
 
 if __name__ == "__main__":
